@@ -1,0 +1,1 @@
+"""The registry of named calibration sets and inferkit's own seed samples (package data)."""

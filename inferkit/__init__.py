@@ -1,0 +1,3 @@
+"""inferkit: prepare language models for cheap, fast serving."""
+
+__version__ = "0.1.0"

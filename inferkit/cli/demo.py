@@ -1,0 +1,31 @@
+"""inferkit demo"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from inferkit.cli import options as o
+from inferkit.cli.ui import console, handle_errors, progress_bar, save_json, table
+
+
+@handle_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work folder for the artifact and results.")] = Path("inferkit-demo"),
+    num_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 128,
+    overwrite: o.OverwriteOpt = False,
+) -> None:
+    """Fetch the demo model, quantize it W4A16 with GPTQ, and compare it with full precision."""
+    from inferkit.artifacts import check_output_dir
+    from inferkit.stages.demo import run_demo
+
+    check_output_dir(out / "smollm2-135m-w4a16-g64", overwrite)
+    with progress_bar("quantizing") as update:
+        report = run_demo(out, overwrite, num_samples, log=console.print, progress=update)
+    cols = ["model", "bits/weight", "weights MB", "perplexity", "KL vs fp32", "top-1 agreement"]
+    rows = [[r["model"], r["bits_per_weight"], r["weights_mb"], r["perplexity"], r["kl_divergence"], r["top1_agreement"]] for r in report["rows"]]
+    console.print(table(f"demo: {report['eval_tokens']} held-out tokens, {report['total_seconds']} s", cols, rows))
+    console.print(f"artifact: {report['artifact']}")
+    save_json(out / "demo.json", report)

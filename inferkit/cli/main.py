@@ -1,0 +1,49 @@
+"""The root app: registers the commands, nothing else."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated
+
+import typer
+
+from inferkit import __version__
+from inferkit.cli import calibrate, demo, eval as eval_mod, models, pending, quantize
+
+app = typer.Typer(
+    name="inferkit",
+    help="Turn a trained checkpoint into a validated, quantized serving artifact.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"inferkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """inferkit: calibrate → sensitivity-scan → quantize → distill → pack → serve-test."""
+
+
+app.command("calibrate")(calibrate.calibrate)
+app.command("quantize")(quantize.quantize)
+app.command("eval")(eval_mod.eval_cmd)
+app.command("demo")(demo.demo)
+app.add_typer(models.app, name="models")
+pending.register(app)
+
+
+def _sigterm(_signum, _frame):
+    raise KeyboardInterrupt  # unwinds through the atomic writers, which delete their temp folders
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+    app()

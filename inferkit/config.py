@@ -1,0 +1,154 @@
+"""Recipes: dataclasses validated on construction, loaded from YAML; unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from inferkit.data.calibration import CalibrationConfig
+from inferkit.errors import InferkitError
+from inferkit.quant.scheme import QuantFormat, parse_format
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizeConfig:
+    """What to quantize and how. ``group_size`` None means per-channel scales."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    actorder: bool = False
+    scale_search: bool = False
+    ignore: tuple[str, ...] = ("lm_head",)
+    overrides: dict = field(default_factory=dict)  # layer pattern → format name or "skip"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InferkitError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.format  # validates bits and group size
+        for pattern, fmt in self.overrides.items():
+            if fmt != "skip":
+                parse_format(str(fmt))
+            _compile(pattern)
+        if self.batch_size < 1:
+            raise InferkitError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    @property
+    def format(self) -> QuantFormat:
+        return QuantFormat(self.bits, self.group_size, self.symmetric)
+
+    def format_for(self, name: str) -> QuantFormat | None:
+        """The format of linear layer ``name``, or None to keep it in full precision."""
+        for pattern, fmt in self.overrides.items():
+            if matches(pattern, name):
+                return None if fmt == "skip" else parse_format(str(fmt))
+        if any(matches(p, name) for p in self.ignore):
+            return None
+        return self.format
+
+
+def _compile(pattern: str) -> re.Pattern | None:
+    if not pattern.startswith("re:"):
+        return None
+    try:
+        return re.compile(pattern[3:])
+    except re.error as exc:
+        raise InferkitError(f"bad layer pattern {pattern!r}: {exc}") from exc
+
+
+def matches(pattern: str, name: str) -> bool:
+    """``re:REGEX`` (full match), an exact name, or a dotted suffix such as ``mlp.down_proj``."""
+    if pattern.startswith("re:"):
+        return _compile(pattern).fullmatch(name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    model: str | None = None
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["quantize"]["ignore"] = list(self.quantize.ignore)
+        return data
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise InferkitError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InferkitError(f"unknown key {where}.{unknown[0]}; allowed keys: {', '.join(sorted(names))}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise InferkitError(f"bad value in {where}: {exc}") from exc
+
+
+def _section(data: dict, key: str, where: str) -> dict:
+    value = data.pop(key, None)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InferkitError(f"{where}.{key} must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise InferkitError(f"{where} must be a YAML mapping")
+    data = dict(data)
+    quant = _section(data, "quantize", where)
+    if "ignore" in quant:
+        quant["ignore"] = tuple(quant["ignore"] or ())
+    if quant.get("group_size") in ("channel", 0, -1):
+        quant["group_size"] = None
+    calib = _section(data, "calibration", where)
+    base = _build(Recipe, data, where)
+    return dataclasses.replace(
+        base,
+        quantize=_build(QuantizeConfig, quant, f"{where}.quantize"),
+        calibration=_build(CalibrationConfig, calib, f"{where}.calibration"),
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise InferkitError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InferkitError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return recipe_from_dict(data or {}, where=path.name)
+
+
+def with_overrides(recipe: Recipe, quantize: dict | None = None, calibration: dict | None = None) -> Recipe:
+    """Apply command-line flags (None values are 'not given') on top of a recipe."""
+    q = {k: v for k, v in (quantize or {}).items() if v is not None}
+    if q.get("group_size") == 0:  # 0 on the command line means per-channel
+        q["group_size"] = None
+    elif q.get("bits") == 8 and "group_size" not in q:
+        q["group_size"] = None  # --bits 8 alone means the usual per-channel INT8
+    c = {k: v for k, v in (calibration or {}).items() if v is not None}
+    return dataclasses.replace(
+        recipe,
+        quantize=dataclasses.replace(recipe.quantize, **q),
+        calibration=dataclasses.replace(recipe.calibration, **c),
+    )
