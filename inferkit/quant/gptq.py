@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from inferkit.errors import InferkitError
-from inferkit.quant.rtn import QuantizedWeight, find_qparams, quantize_with
+from inferkit.quant.rtn import QuantizedWeight, find_qparams
 from inferkit.quant.scheme import QuantFormat
 
 
@@ -86,7 +86,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat,
     # Groups must not straddle blocks when their parameters are found on the fly.
     block = config.block_size if static else max(group, config.block_size // group * group)
     q_all = torch.zeros_like(w)
-    loss = torch.zeros(out_features)
+    loss = torch.zeros(())
+    zero_or_0 = zero if zero is not None else torch.zeros_like(scale)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = w[:, i1:i2].clone()
@@ -101,20 +102,19 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat,
                 scale[:, g] = s[:, 0]
                 if zero is not None:
                     zero[:, g] = z[:, 0]
-            zg = None if zero is None else zero[:, g]
-            q = quantize_with(w1[:, i], scale[:, g], zg, fmt)
+            sg, zg = scale[:, g], zero_or_0[:, g]
+            wcol = w1[:, i]
+            q = torch.clamp(torch.round(wcol / sg) + zg, fmt.qmin, fmt.qmax)
             q_all[:, col] = q
-            deq = (q - zg) * scale[:, g] if zg is not None else q * scale[:, g]
-            d = hinv1[i, i]
-            err = (w1[:, i] - deq) / d
-            loss += (w1[:, i] - deq) ** 2 / d**2 / 2
-            # Spread this column's error over the rest of the block: [out, 1] x [1, rest].
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err = (wcol - (q - zg) * sg) / hinv1[i, i]
+            # Spread this column's error over the rest of the block: rank-1 update.
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)
             err1[:, i] = err
+        loss += err1.pow(2).sum() / 2
         # Lazy batch update of all later columns: [out, b] @ [b, rest].
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
 
     inv = torch.argsort(perm)
     q_int = q_all[:, inv].to(torch.int8)
     result = QuantizedWeight(q_int, scale, None if zero is None else zero.to(torch.int8), fmt)
-    return result, float(loss.sum())
+    return result, float(loss)

@@ -28,7 +28,7 @@ def quantized_state_dict(model: torch.nn.Module, qweights: dict[str, QuantizedWe
             continue
         if tied and key == "lm_head.weight":
             continue  # tied to the embeddings: stored once, as transformers does
-        state[key] = tensor.detach().contiguous().clone()
+        state[key] = tensor.detach().contiguous()
     scale_dtype = model.dtype
     for name, qw in qweights.items():
         for suffix, tensor in compressed.compress(qw, scale_dtype).items():

@@ -47,7 +47,7 @@ def run_calibrate(model_path: str, calib: CalibrationConfig, out: str | Path, ov
                     stats.setdefault(name, InputStats(x.shape[-1])).add(x)
 
             with timer.phase("forward"):
-                shared, inputs.hidden = layerwise.record_layer(layer, inputs, linears, sink, keep_outputs=True)
+                shared = layerwise.record_layer(layer, inputs, linears, sink, advance_inputs=True)
             with timer.phase("write"):
                 save_layer_stats(tmp, idx, stats)
             shared_all.update(shared)

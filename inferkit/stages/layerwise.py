@@ -62,15 +62,12 @@ def capture_first_inputs(model: nn.Module, samples: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, keep_outputs: bool = True) -> list[torch.Tensor]:
-    """Forward every batch through ``layer``; returns the outputs (the next layer's inputs)."""
-    outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-        out = layer(hidden, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        if keep_outputs:
-            outputs.append(out)
-    return outputs
+def advance(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Forward every batch through ``layer``, replacing each input by its output in place,
+    so only one set of activations (plus one batch) is alive at a time."""
+    for i, kwargs in enumerate(inputs.kwargs):
+        out = layer(inputs.hidden[i], **kwargs)
+        inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
 
 
 class InputRecorder:
@@ -113,25 +110,24 @@ class InputRecorder:
 
 @torch.no_grad()
 def record_layer(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear],
-                 sink: Callable[[str, torch.Tensor], None], keep_outputs: bool) -> tuple[dict[str, str], list[torch.Tensor]]:
-    """Run ``layer`` over all batches with recording hooks; returns (shared map, outputs).
+                 sink: Callable[[str, torch.Tensor], None], advance_inputs: bool) -> dict[str, str]:
+    """Run ``layer`` over all batches with recording hooks; returns the shared-input map.
 
-    Without ``keep_outputs`` each batch stops as soon as the last linear's input is recorded:
-    the rest of the layer (the down projection's matmul) would be computed for nothing.
+    With ``advance_inputs`` each input is replaced by the layer's output in place. Without
+    it each batch stops as soon as the last linear's input is recorded: the rest of the
+    layer (the down projection's matmul) would be computed for nothing.
     """
     recorder = InputRecorder(linears, sink)
     stopper = None
-    outputs = []
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        for i, kwargs in enumerate(inputs.kwargs):
             recorder.new_batch()
             try:
-                out = layer(hidden, **kwargs)
+                out = layer(inputs.hidden[i], **kwargs)
             except _StopForward:
                 continue
-            out = out[0] if isinstance(out, tuple) else out
-            if keep_outputs:
-                outputs.append(out)
+            if advance_inputs:
+                inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
             elif stopper is None and recorder.order:
                 # The first batch shows which linear runs last; later batches stop there.
                 # Registered after the recorder's own hook, so it fires once the input is recorded.
@@ -140,7 +136,7 @@ def record_layer(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Li
         recorder.remove()
         if stopper is not None:
             stopper.remove()
-    return recorder.shared, outputs
+    return recorder.shared
 
 
 def _stop_forward(_module, _args):

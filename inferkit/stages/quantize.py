@@ -51,15 +51,10 @@ def plan_formats(model: nn.Module, cfg: QuantizeConfig) -> dict[str, QuantFormat
     return plan
 
 
-def bits_per_weight(model: nn.Module, plan: dict[str, QuantFormat | None], scale_bits: int) -> float:
+def bits_per_weight(qweights: dict[str, QuantizedWeight], scale_bits: int) -> float:
     """Average stored bits per quantized weight, scales and zero points included."""
-    modules = dict(model.named_modules())
-    bits = numel = 0
-    for name, fmt in plan.items():
-        if fmt is not None:
-            w = modules[name].weight
-            bits += fmt.storage_bits(w.shape[0], w.shape[1], scale_bits)
-            numel += w.numel()
+    bits = sum(qw.fmt.storage_bits(*qw.q.shape, scale_bits) for qw in qweights.values())
+    numel = sum(qw.q.numel() for qw in qweights.values())
     return bits / numel if numel else 0.0
 
 
@@ -116,15 +111,24 @@ def quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses)
                 stats.setdefault(name, InputStats(x.shape[-1])).add(x)
 
         with timer.phase("forward"):
-            shared, _ = layerwise.record_layer(layer, inputs, linears, sink, keep_outputs=False)
+            shared = layerwise.record_layer(layer, inputs, linears, sink, advance_inputs=False)
         hessians = {k: v.xtx for k, v in stats.items()}
         out.update(_solve_layer(linears, plan, hessians, shared, cfg, timer, losses))
         del stats, hessians
         with timer.phase("propagate"):
-            inputs.hidden = layerwise.run_layer(layer, inputs)
+            layerwise.advance(layer, inputs)
+        _release_weights(linears, out)
         if progress:
             progress(idx + 1, len(layers), f"layer {idx}")
     return out
+
+
+def _release_weights(linears: dict[str, nn.Linear], done: dict[str, QuantizedWeight]) -> None:
+    """Drop the float weights of finished layers: only their packed form is written, and a
+    large model then never holds more than one decoder layer's float weights beyond the rest."""
+    for name, mod in linears.items():
+        if name in done:
+            mod.weight.data = torch.empty(0, dtype=mod.weight.dtype)
 
 
 def quantize_gptq_from_stats(model, stats_dir: Path, plan, cfg, timer, progress, losses) -> dict[str, QuantizedWeight]:
@@ -174,7 +178,7 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
                 samples = build_samples(recipe.calibration, loaded.tokenizer)
             qweights = quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses)
     scale_bits = torch.finfo(model.dtype).bits
-    bpw = bits_per_weight(model, plan, scale_bits)
+    bpw = bits_per_weight(qweights, scale_bits)
     seconds = dict(timer.as_dict(), total_before_write=round(time.perf_counter() - start, 3))
     with timer.phase("write"):
         manifest = write_quantized_artifact(
