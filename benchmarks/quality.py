@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import tempfile
 import time
 from dataclasses import replace
@@ -43,9 +42,10 @@ def _quantize_child(model: str, settings: dict, calib: dict, out: str, queue) ->
     """Runs in a fresh process, so its peak RSS is this quantize run's alone."""
     from inferkit.config import QuantizeConfig, Recipe
     from inferkit.data.calibration import CalibrationConfig
-    from inferkit.stages.quantize import run_quantize
+    from inferkit.stages.quantize import peak_rss_mb, run_quantize
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter + libraries
+
+    baseline = peak_rss_mb()  # interpreter and libraries, before any model is loaded
     recipe = Recipe(quantize=QuantizeConfig(**settings), calibration=CalibrationConfig(**calib))
     start = time.perf_counter()
     result = run_quantize(model, recipe, out)
@@ -85,7 +85,7 @@ def main() -> None:
     from inferkit.models import load_model
     from inferkit.models.demo import resolve_model_arg
 
-    console = Console()
+    console = Console(width=200)
     model = resolve_model_arg(args.model, log=console.print)
     fp = load_model(model)
     fp_mb = sum(p.numel() * p.element_size() for p in fp.model.parameters()) / 2**20

@@ -40,7 +40,7 @@ def decompress(tensors: dict[str, torch.Tensor], fmt: QuantFormat) -> QuantizedW
     return QuantizedWeight(q, tensors["weight_scale"].float(), zero, fmt)
 
 
-def weight_args(fmt: QuantFormat, actorder: bool) -> dict:
+def weight_args(fmt: QuantFormat, actorder: bool, scale_search: bool) -> dict:
     args = {
         "num_bits": fmt.bits,
         "type": "int",
@@ -50,7 +50,7 @@ def weight_args(fmt: QuantFormat, actorder: bool) -> dict:
         "block_structure": None,
         "dynamic": False,
         "actorder": "static" if actorder and fmt.group_size else None,
-        "observer": "memoryless_minmax",
+        "observer": "mse" if scale_search else "memoryless_minmax",
         "observer_kwargs": {},
     }
     if not fmt.symmetric:
@@ -58,7 +58,7 @@ def weight_args(fmt: QuantFormat, actorder: bool) -> dict:
     return args
 
 
-def quantization_config(layer_formats: dict[str, QuantFormat | None], actorder: bool) -> dict:
+def quantization_config(layer_formats: dict[str, QuantFormat | None], actorder: bool, scale_search: bool) -> dict:
     """``quantization_config`` for ``config.json``: one config group per format, exact targets.
 
     ``layer_formats`` maps every linear layer's name to its format, or None when it stays in
@@ -73,7 +73,7 @@ def quantization_config(layer_formats: dict[str, QuantFormat | None], actorder: 
     for i, (fmt, names) in enumerate(sorted(by_format.items(), key=lambda kv: (kv[0].bits, kv[0].group_size or 0, kv[0].symmetric))):
         groups[f"group_{i}"] = {
             "targets": ["Linear"] if uniform else names,
-            "weights": weight_args(fmt, actorder),
+            "weights": weight_args(fmt, actorder, scale_search),
             "input_activations": None,
             "output_activations": None,
             "format": FORMAT,

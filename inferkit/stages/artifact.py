@@ -49,11 +49,13 @@ def write_quantized_artifact(loaded: LoadedModel, qweights: dict[str, QuantizedW
                              plan: dict[str, QuantFormat | None], recipe: Recipe, out: Path,
                              overwrite: bool, extra: dict) -> dict:
     model = loaded.model
+    q = recipe.quantize
     with atomic_output_dir(out, overwrite) as tmp:
         save_file(quantized_state_dict(model, qweights), str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = json.loads(model.config.to_json_string(use_diff=False))
         config.pop("quantization_config", None)
-        config["quantization_config"] = compressed.quantization_config(plan, recipe.quantize.actorder)
+        config["quantization_config"] = compressed.quantization_config(
+            plan, actorder=q.actorder and q.method == "gptq", scale_search=q.scale_search)
         write_json(tmp / "config.json", config)
         model.generation_config.save_pretrained(tmp)
         if loaded.tokenizer is not None:

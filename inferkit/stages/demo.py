@@ -49,7 +49,7 @@ def run_demo(out: Path, overwrite: bool, num_samples: int, log: Callable[[str], 
     rows = [
         {"model": "fp32", "bits_per_weight": 32.0, "weights_mb": round(folder_mb(model_dir, "*.safetensors"), 1),
          "perplexity": fp_eval["perplexity"], "kl_divergence": 0.0, "top1_agreement": 1.0},
-        {"model": "w4a16-g64 (GPTQ)", "bits_per_weight": round(result.bits_per_weight, 3),
+        {"model": "w4a16-g64 (GPTQ)", "bits_per_weight": round(result.bits_per_weight, 4),
          "weights_mb": round(folder_mb(artifact, "*.safetensors"), 1), "perplexity": q_eval["perplexity"],
          "kl_divergence": q_eval["kl_divergence"], "top1_agreement": q_eval["top1_agreement"]},
     ]

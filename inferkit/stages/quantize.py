@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from inferkit import __version__
+from inferkit.artifacts import check_output_dir
 from inferkit.config import QuantizeConfig, Recipe
 from inferkit.data.calibration import build_samples
+from inferkit.errors import InferkitError
 from inferkit.models import load_model
 from inferkit.quant.gptq import GPTQConfig, gptq_quantize
 from inferkit.quant.hessian import InputStats
@@ -124,8 +126,8 @@ def quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses)
 
 
 def _release_weights(linears: dict[str, nn.Linear], done: dict[str, QuantizedWeight]) -> None:
-    """Drop the float weights of finished layers: only their packed form is written, and a
-    large model then never holds more than one decoder layer's float weights beyond the rest."""
+    """Drop the float weights of finished layers (only their packed form is written), so
+    memory shrinks as the run proceeds instead of holding packed and float copies to the end."""
     for name, mod in linears.items():
         if name in done:
             mod.weight.data = torch.empty(0, dtype=mod.weight.dtype)
@@ -146,14 +148,20 @@ def quantize_gptq_from_stats(model, stats_dir: Path, plan, cfg, timer, progress,
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB. Linux's VmHWM belongs to the address
+    space, so unlike ``ru_maxrss`` it does not inherit a parent's peak across fork/exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bool = False,
                  stats_dir: str | Path | None = None, progress: Progress | None = None) -> QuantizeResult:
     """Quantize ``model_path`` per ``recipe`` and write the artifact folder ``out``."""
-    from inferkit.artifacts import check_output_dir
-
     out = Path(out)
     check_output_dir(out, overwrite)
     cfg = recipe.quantize
@@ -164,8 +172,6 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
     model = loaded.model
     plan = plan_formats(model, cfg)
     if not any(plan.values()):
-        from inferkit.errors import InferkitError
-
         raise InferkitError("no linear layer is left to quantize: check the ignore list and overrides")
     losses: dict[str, float] = {}
     with torch.no_grad():
@@ -179,7 +185,6 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
             qweights = quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses)
     scale_bits = torch.finfo(model.dtype).bits
     bpw = bits_per_weight(qweights, scale_bits)
-    seconds = dict(timer.as_dict(), total_before_write=round(time.perf_counter() - start, 3))
     with timer.phase("write"):
         manifest = write_quantized_artifact(
             loaded, qweights, plan, recipe, out, overwrite,
@@ -190,7 +195,6 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
                 "calibration_stats": str(stats_dir) if stats_dir else None,
                 "bits_per_weight": round(bpw, 4),
                 "gptq_loss": {k: round(v, 6) for k, v in losses.items()},
-                "timings_s": seconds,
             },
         )
     seconds = timer.as_dict()

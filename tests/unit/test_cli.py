@@ -125,3 +125,34 @@ def test_eval_too_few_tokens(tiny_llama, tmp_path):
     t = tmp_path / "t.txt"
     t.write_text("short text")
     assert_one_line_error(*invoke("eval", tiny_llama, "--text", t, "--windows", 5), "room for 0 windows")
+
+
+def test_sigterm_exits_cleanly_without_output(tiny_llama, tmp_path):
+    """A real SIGTERM mid-run: exit code 130, one line, no output folder, no temp folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-c", "from inferkit.cli.main import main; main()", "quantize", str(tiny_llama),
+           "--group-size", "32", "--calibration", "pydoc", "--num-samples", "4000", "--seq-len", "128", "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "INFERKIT_PROGRESS": "0"})
+    time.sleep(8)  # past start-up, inside calibration or GPTQ
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temp_folder_of_a_killed_run_is_cleared(tiny_llama, tmp_path):
+    stale = tmp_path / ".o.tmp-999999999"  # no such process
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    code, out = invoke("quantize", tiny_llama, "--method", "rtn", "--group-size", "32", "-o", tmp_path / "o")
+    assert code == 0, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
