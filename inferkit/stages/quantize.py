@@ -65,8 +65,13 @@ def _gptq_config(cfg: QuantizeConfig) -> GPTQConfig:
 
 
 def _set_weight(mod: nn.Linear, qw: QuantizedWeight) -> None:
-    """Replace a linear's weight by its dequantized value, so later layers see the error."""
-    mod.weight.data.copy_(qw.dequantize().to(mod.weight.dtype))
+    """Replace a linear's weight by its dequantized value, so later layers see the error.
+
+    A new tensor rather than an in-place copy: the loaded weights are memory-mapped from the
+    checkpoint, and writing into them would turn every page into a private copy that stays
+    resident for the whole run.
+    """
+    mod.weight.data = qw.dequantize().to(mod.weight.dtype)
 
 
 def quantize_rtn(model, plan, cfg, timer, progress: Progress | None) -> dict[str, QuantizedWeight]:
@@ -76,7 +81,6 @@ def quantize_rtn(model, plan, cfg, timer, progress: Progress | None) -> dict[str
     with timer.phase("solve"):
         for i, name in enumerate(todo):
             out[name] = quantize_weight_rtn(modules[name].weight.data, plan[name], cfg.scale_search)
-            _set_weight(modules[name], out[name])
             if progress:
                 progress(i + 1, len(todo), name)
     return out

@@ -136,11 +136,20 @@ def test_sigterm_exits_cleanly_without_output(tiny_llama, tmp_path):
     import time
 
     out = tmp_path / "o"
+    # 8000 x 256 tokens: ~500 MB of activations at hidden 64, and tens of seconds of work.
     cmd = [sys.executable, "-c", "from inferkit.cli.main import main; main()", "quantize", str(tiny_llama),
-           "--group-size", "32", "--calibration", "pydoc", "--num-samples", "4000", "--seq-len", "128", "-o", str(out)]
+           "--group-size", "32", "--calibration", "pydoc", "--num-samples", "8000", "--seq-len", "256", "-o", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "INFERKIT_PROGRESS": "0"})
-    time.sleep(8)  # past start-up, inside calibration or GPTQ
+
+    def rss_mb() -> int:
+        status = open(f"/proc/{proc.pid}/status").read()
+        return int(status.split("VmRSS:")[1].split()[0]) // 1024 if "VmRSS:" in status else 0
+
+    deadline = time.time() + 120
+    while rss_mb() < 600 and time.time() < deadline:  # calibration activations are being built
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
