@@ -14,9 +14,9 @@ from inferkit import __version__
 from inferkit.artifacts import atomic_output_dir, check_output_dir, write_json, write_manifest
 from inferkit.data.calibration import CalibrationConfig, build_samples
 from inferkit.models import load_model
-from inferkit.quant.hessian import InputStats
 from inferkit.stages import layerwise
 from inferkit.stages.stats import SUMMARY, save_layer_stats
+from inferkit.stages.memory import limit_heap_fragmentation
 from inferkit.stages.timer import PhaseTimer
 
 
@@ -25,6 +25,7 @@ def run_calibrate(model_path: str, calib: CalibrationConfig, out: str | Path, ov
     """Write ``out/layer_NNN.safetensors`` and ``out/stats.json``; returns the summary."""
     out = Path(out)
     check_output_dir(out, overwrite)
+    limit_heap_fragmentation()
     timer = PhaseTimer()
     start = time.perf_counter()
     with timer.phase("load"):
@@ -40,14 +41,7 @@ def run_calibrate(model_path: str, calib: CalibrationConfig, out: str | Path, ov
         layers = layerwise.decoder_layers(model)
         for idx, layer in enumerate(layers):
             linears = layerwise.linear_modules(layer, f"model.layers.{idx}")
-            stats: dict[str, InputStats] = {}
-
-            def sink(name: str, x: torch.Tensor) -> None:
-                with timer.phase("hessian"):
-                    stats.setdefault(name, InputStats(x.shape[-1])).add(x)
-
-            with timer.phase("forward"):
-                shared = layerwise.record_layer(layer, inputs, linears, sink, advance_inputs=True)
+            stats, shared = layerwise.gather_input_stats(layer, inputs, linears, advance_inputs=True, timer=timer)
             with timer.phase("write"):
                 save_layer_stats(tmp, idx, stats)
             shared_all.update(shared)

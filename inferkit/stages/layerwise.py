@@ -12,6 +12,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from inferkit.quant.hessian import InputStats
+from inferkit.stages.timer import PhaseTimer
+
 
 class _StopForward(Exception):
     pass
@@ -141,3 +144,18 @@ def record_layer(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Li
 
 def _stop_forward(_module, _args):
     raise _StopForward
+
+
+def gather_input_stats(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear],
+                       advance_inputs: bool, timer: PhaseTimer) -> tuple[dict[str, InputStats], dict[str, str]]:
+    """Statistics (``XᵀX``, absmax, count) of every distinct linear input of ``layer`` over all
+    batches, keyed by owner, and the name → owner map of linears sharing an input."""
+    stats: dict[str, InputStats] = {}
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        with timer.phase("hessian"):
+            stats.setdefault(name, InputStats(x.shape[-1])).add(x)
+
+    with timer.phase("forward"):
+        shared = record_layer(layer, inputs, linears, sink, advance_inputs)
+    return stats, shared

@@ -19,12 +19,12 @@ from inferkit.data.calibration import build_samples
 from inferkit.errors import InferkitError
 from inferkit.models import load_model
 from inferkit.quant.gptq import GPTQConfig, gptq_quantize
-from inferkit.quant.hessian import InputStats
 from inferkit.quant.rtn import QuantizedWeight, quantize_weight_rtn
 from inferkit.quant.scheme import QuantFormat
 from inferkit.stages import layerwise
 from inferkit.stages.artifact import write_quantized_artifact
 from inferkit.stages.stats import load_layer_stats
+from inferkit.stages.memory import limit_heap_fragmentation
 from inferkit.stages.timer import PhaseTimer
 
 Progress = Callable[[int, int, str], None]
@@ -110,14 +110,7 @@ def quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses)
     out = {}
     for idx, layer in enumerate(layers):
         linears = layerwise.linear_modules(layer, f"model.layers.{idx}")
-        stats: dict[str, InputStats] = {}
-
-        def sink(name: str, x: torch.Tensor) -> None:
-            with timer.phase("hessian"):
-                stats.setdefault(name, InputStats(x.shape[-1])).add(x)
-
-        with timer.phase("forward"):
-            shared = layerwise.record_layer(layer, inputs, linears, sink, advance_inputs=False)
+        stats, shared = layerwise.gather_input_stats(layer, inputs, linears, advance_inputs=False, timer=timer)
         hessians = {k: v.xtx for k, v in stats.items()}
         out.update(_solve_layer(linears, plan, hessians, shared, cfg, timer, losses))
         del stats, hessians
@@ -169,6 +162,7 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
     out = Path(out)
     check_output_dir(out, overwrite)
     cfg = recipe.quantize
+    limit_heap_fragmentation()
     timer = PhaseTimer()
     start = time.perf_counter()
     with timer.phase("load"):
