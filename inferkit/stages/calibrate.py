@@ -16,7 +16,6 @@ from inferkit.data.calibration import CalibrationConfig, build_samples
 from inferkit.models import load_model
 from inferkit.stages import layerwise
 from inferkit.stages.stats import SUMMARY, save_layer_stats
-from inferkit.stages.memory import limit_heap_fragmentation
 from inferkit.stages.timer import PhaseTimer
 
 
@@ -25,7 +24,6 @@ def run_calibrate(model_path: str, calib: CalibrationConfig, out: str | Path, ov
     """Write ``out/layer_NNN.safetensors`` and ``out/stats.json``; returns the summary."""
     out = Path(out)
     check_output_dir(out, overwrite)
-    limit_heap_fragmentation()
     timer = PhaseTimer()
     start = time.perf_counter()
     with timer.phase("load"):

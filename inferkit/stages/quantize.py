@@ -24,7 +24,6 @@ from inferkit.quant.scheme import QuantFormat
 from inferkit.stages import layerwise
 from inferkit.stages.artifact import write_quantized_artifact
 from inferkit.stages.stats import load_layer_stats
-from inferkit.stages.memory import limit_heap_fragmentation
 from inferkit.stages.timer import PhaseTimer
 
 Progress = Callable[[int, int, str], None]
@@ -162,7 +161,6 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
     out = Path(out)
     check_output_dir(out, overwrite)
     cfg = recipe.quantize
-    limit_heap_fragmentation()
     timer = PhaseTimer()
     start = time.perf_counter()
     with timer.phase("load"):
