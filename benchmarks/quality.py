@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -114,7 +116,7 @@ def main() -> None:
                 "peak_rss_mb": q["peak_rss_mb"], "peak_above_baseline_mb": q["peak_rss_mb"] - q["baseline_rss_mb"],
             })
             console.print(f"  perplexity {ppl:.3f}, {s['total']:.1f} s")
-            shutil_rm(Path(work) / name)
+            shutil.rmtree(Path(work) / name, ignore_errors=True)
 
     cols = ["setting", "bits/w", "perplexity", "Δ vs fp32 %", "quantize s", "forward s", "Hessian s", "solve s",
             "propagate s", "peak RSS MB", "above baseline MB"]
@@ -126,7 +128,7 @@ def main() -> None:
     console.print(table("targets (issue 2)", ["target", "measured", "pass"], [[c["target"], c["measured"], "yes" if c["pass"] else "NO"] for c in checks]))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
+    report = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "model": model, "fp32_weights_mb": fp_mb, "eval": {"text": args.eval_text, "windows": args.windows, "window_size": args.window_size},
               "calibration": calib, "rows": rows, "targets": checks}
@@ -134,16 +136,9 @@ def main() -> None:
     console.print(f"results written to {out}")
 
 
-def shutil_rm(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def targets(rows: list[dict], fp_mb: float) -> list[dict]:
     """The acceptance targets of issue 2, checked against this run."""
     by = {r["setting"]: r for r in rows}
-    fp = by["fp32"]["perplexity"]
     checks = []
 
     def check(target, measured, ok):
@@ -169,7 +164,6 @@ def targets(rows: list[dict], fp_mb: float) -> list[dict]:
         if r["method"] == "gptq":
             check(f"{r['setting']} peak above baseline < 2 × fp32 weights ({2 * fp_mb:.0f} MB)",
                   f"{r['peak_above_baseline_mb']:.0f} MB (RSS {r['peak_rss_mb']:.0f} MB)", r["peak_above_baseline_mb"] < 2 * fp_mb)
-    del fp
     return checks
 
 
