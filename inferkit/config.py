@@ -31,7 +31,7 @@ class QuantizeConfig:
     scale_search: bool = False
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: dict = field(default_factory=dict)  # layer pattern → format name or "skip"
-    batch_size: int = 8
+    batch_size: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

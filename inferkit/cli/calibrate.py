@@ -21,7 +21,7 @@ def calibrate(
     seed: o.SeedOpt = None,
     split: Annotated[str, typer.Option(help="train, heldout or all (built-in and jsonl sources).")] = "train",
     chat_template: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template to chat records.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward pass.")] = 2,
     overwrite: o.OverwriteOpt = False,
     json_out: o.JsonOpt = None,
 ) -> None:

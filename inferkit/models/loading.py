@@ -11,6 +11,7 @@ import torch
 
 from inferkit.errors import InferkitError
 from inferkit.models.artifact import is_quantized_artifact, load_artifact_model
+from inferkit.models.lazy import LazyWeights, build_lazy_model
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -32,6 +33,23 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: ModelSource
+    # Set when the decoder linears were left on the meta device (``load_model(lazy=True)``).
+    weights: LazyWeights | None = None
+
+    def load_weights(self, linears: dict[str, torch.nn.Linear]) -> None:
+        """Make sure ``linears`` hold their weights (a no-op for a model loaded whole)."""
+        if self.weights is not None:
+            self.weights.load(linears)
+
+    def offload_embeddings(self) -> None:
+        """Free the input embeddings (and a head tied to them) of a lazily loaded model until
+        :meth:`restore_embeddings`: layer-wise stages need them only to embed the samples."""
+        if self.weights is not None:
+            self.weights.offload_embeddings(self.model)
+
+    def restore_embeddings(self) -> None:
+        if self.weights is not None:
+            self.weights.restore_embeddings(self.model)
 
 
 def resolve_model_path(path: str | os.PathLike) -> ModelSource:
@@ -88,8 +106,14 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> LoadedModel:
-    """Load weights (dequantized from GGUF if need be) as a plain float model, in eval mode."""
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+               lazy: bool = False) -> LoadedModel:
+    """Load weights (dequantized from GGUF if need be) as a plain float model, in eval mode.
+
+    With ``lazy``, a safetensors checkpoint's decoder linear weights stay on the meta device
+    until ``LoadedModel.load_weights`` asks for them (see ``inferkit.models.lazy``); GGUF files
+    and quantized artifacts are always loaded whole.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -100,9 +124,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, toke
     kwargs = {"dtype": dtype, "trust_remote_code": False}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    weights = None
     try:
         if source.gguf_file is None and is_quantized_artifact(source.folder):
             model = load_artifact_model(source.folder, dtype)
+        elif source.gguf_file is None and lazy and (built := build_lazy_model(config, source.folder, dtype)):
+            model, weights = built
+            model.generation_config = _generation_config(source.folder, model.generation_config)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
         tok = AutoTokenizer.from_pretrained(source.folder, **({"gguf_file": source.gguf_file} if source.gguf_file else {})) if tokenizer else None
@@ -111,7 +139,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, toke
     if source.gguf_file:
         model = _drop_gguf_marker(model)
     model.eval()
-    return LoadedModel(model, tok, source)
+    return LoadedModel(model, tok, source, weights)
+
+
+def _generation_config(folder: Path, default):
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(folder)
+    return default
 
 
 def _drop_gguf_marker(model):

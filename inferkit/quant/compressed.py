@@ -8,6 +8,8 @@ dimension). Dequantized weight: ``(q - zero_point) * scale`` per group.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from inferkit.quant.pack import pack_int32, unpack_int32
@@ -28,6 +30,22 @@ def compress(qw: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, torch.T
     if qw.zero_point is not None:
         tensors["weight_zero_point"] = pack_int32(qw.zero_point, qw.fmt.bits, dim=0)
     return tensors
+
+
+@dataclass
+class PackedWeight:
+    """One quantized linear in its stored form: what a quantize run holds until it writes."""
+
+    fmt: QuantFormat
+    shape: tuple[int, int]  # [out, in]
+    tensors: dict[str, torch.Tensor]  # suffix → tensor, as :func:`compress` gives them
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight, scale_dtype: torch.dtype) -> "PackedWeight":
+        return cls(qw.fmt, tuple(qw.q.shape), compress(qw, scale_dtype))
+
+    def storage_bits(self, scale_bits: int) -> int:
+        return self.fmt.storage_bits(*self.shape, scale_bits)
 
 
 def decompress(tensors: dict[str, torch.Tensor], fmt: QuantFormat) -> QuantizedWeight:

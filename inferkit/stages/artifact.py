@@ -6,32 +6,30 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from inferkit.artifacts import atomic_output_dir, sha256_file, write_json, write_manifest
 from inferkit.config import Recipe
 from inferkit.models.loading import LoadedModel
 from inferkit.quant import compressed
-from inferkit.quant.rtn import QuantizedWeight
+from inferkit.quant.compressed import PackedWeight
+from inferkit.tensorfile import save_safetensors
 from inferkit.quant.scheme import QuantFormat
 
 WEIGHTS = "model.safetensors"
 
 
-def quantized_state_dict(model: torch.nn.Module, qweights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def quantized_state_dict(model: torch.nn.Module, packed: dict[str, PackedWeight]) -> dict[str, torch.Tensor]:
     """Plain tensors for everything but the quantized linears, which become packed tensors."""
     state = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for key, tensor in model.state_dict().items():
         layer, _, leaf = key.rpartition(".")
-        if layer in qweights and leaf == "weight":
+        if layer in packed and leaf == "weight":
             continue
         if tied and key == "lm_head.weight":
             continue  # tied to the embeddings: stored once, as transformers does
         state[key] = tensor.detach().contiguous()
-    scale_dtype = model.dtype
-    for name, qw in qweights.items():
-        for suffix, tensor in compressed.compress(qw, scale_dtype).items():
+    for name, pw in packed.items():
+        for suffix, tensor in pw.tensors.items():
             state[f"{name}.{suffix}"] = tensor
     return state
 
@@ -45,15 +43,17 @@ def input_hashes(folder: Path, gguf_file: str | None) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in files}
 
 
-def write_quantized_artifact(loaded: LoadedModel, qweights: dict[str, QuantizedWeight],
+def write_quantized_artifact(loaded: LoadedModel, packed: dict[str, PackedWeight],
                              plan: dict[str, QuantFormat | None], recipe: Recipe, out: Path,
                              overwrite: bool, extra: dict) -> dict:
     model = loaded.model
     q = recipe.quantize
     with atomic_output_dir(out, overwrite) as tmp:
-        save_file(quantized_state_dict(model, qweights), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(quantized_state_dict(model, packed), tmp / WEIGHTS, metadata={"format": "pt"})
         config = json.loads(model.config.to_json_string(use_diff=False))
         config.pop("quantization_config", None)
+        if "lm_head" in packed:
+            config["tie_word_embeddings"] = False  # the head is stored quantized, apart from the embeddings
         config["quantization_config"] = compressed.quantization_config(
             plan, actorder=q.actorder and q.method == "gptq", scale_search=q.scale_search)
         write_json(tmp / "config.json", config)

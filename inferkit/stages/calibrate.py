@@ -14,20 +14,22 @@ from inferkit import __version__
 from inferkit.artifacts import atomic_output_dir, check_output_dir, write_json, write_manifest
 from inferkit.data.calibration import CalibrationConfig, build_samples
 from inferkit.models import load_model
+from inferkit.models.lazy import LazyWeights
 from inferkit.stages import layerwise
+from inferkit.stages.memory import trim_heap
 from inferkit.stages.stats import SUMMARY, save_layer_stats
 from inferkit.stages.timer import PhaseTimer
 
 
 def run_calibrate(model_path: str, calib: CalibrationConfig, out: str | Path, overwrite: bool = False,
-                  batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None) -> dict:
+                  batch_size: int = 2, progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Write ``out/layer_NNN.safetensors`` and ``out/stats.json``; returns the summary."""
     out = Path(out)
     check_output_dir(out, overwrite)
     timer = PhaseTimer()
     start = time.perf_counter()
     with timer.phase("load"):
-        loaded = load_model(model_path)
+        loaded = load_model(model_path, lazy=True)
     with timer.phase("calibration_data"):
         samples = build_samples(calib, loaded.tokenizer)
     model = loaded.model
@@ -36,10 +38,16 @@ def run_calibrate(model_path: str, calib: CalibrationConfig, out: str | Path, ov
     with atomic_output_dir(out, overwrite) as tmp, torch.no_grad():
         with timer.phase("forward"):
             inputs = layerwise.capture_first_inputs(model, samples, batch_size)
+        loaded.offload_embeddings()
         layers = layerwise.decoder_layers(model)
         for idx, layer in enumerate(layers):
             linears = layerwise.linear_modules(layer, f"model.layers.{idx}")
+            with timer.phase("load"):
+                loaded.load_weights(linears)
             stats, shared = layerwise.gather_input_stats(layer, inputs, linears, advance_inputs=True, timer=timer)
+            if loaded.weights is not None:
+                LazyWeights.release(linears)
+            trim_heap()
             with timer.phase("write"):
                 save_layer_stats(tmp, idx, stats)
             shared_all.update(shared)

@@ -23,10 +23,18 @@ class _StopForward(Exception):
 @dataclass
 class LayerInputs:
     """Hidden states entering the current layer, one entry per batch, and the keyword
-    arguments the model passes every layer (rotary embeddings, mask, positions)."""
+    arguments the model passes every layer (rotary embeddings, mask, positions).
+
+    The batches are views into one buffer [samples, seq, hidden], and each layer's output is
+    copied back into its input's place: the only allocations per batch are the layer's own
+    temporaries, of the same sizes every time, which keeps the C heap from fragmenting.
+    """
 
     hidden: list[torch.Tensor] = field(default_factory=list)  # each [batch, seq, hidden]
     kwargs: list[dict] = field(default_factory=list)
+
+    def replace(self, i: int, out) -> None:
+        self.hidden[i].copy_(out[0] if isinstance(out, tuple) else out)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -43,12 +51,20 @@ def capture_first_inputs(model: nn.Module, samples: torch.Tensor, batch_size: in
     """Embed ``samples`` [n, seq] and catch what the model hands its first decoder layer."""
     first = decoder_layers(model)[0]
     inputs = LayerInputs()
+    buffer: list[torch.Tensor] = []
+    done = 0
 
     def hook(_module, args, kwargs):
+        nonlocal done
         hidden = args[0] if args else kwargs.pop("hidden_states")
         # No KV cache during calibration: drop whatever cache arguments this version passes.
         kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value", "cache", "use_cache")}
-        inputs.hidden.append(hidden.detach())
+        if not buffer:
+            buffer.append(hidden.new_empty((samples.shape[0], *hidden.shape[1:])))
+        view = buffer[0][done:done + hidden.shape[0]]
+        view.copy_(hidden)
+        done += hidden.shape[0]
+        inputs.hidden.append(view)
         inputs.kwargs.append(kwargs)
         raise _StopForward
 
@@ -69,8 +85,7 @@ def advance(layer: nn.Module, inputs: LayerInputs) -> None:
     """Forward every batch through ``layer``, replacing each input by its output in place,
     so only one set of activations (plus one batch) is alive at a time."""
     for i, kwargs in enumerate(inputs.kwargs):
-        out = layer(inputs.hidden[i], **kwargs)
-        inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
+        inputs.replace(i, layer(inputs.hidden[i], **kwargs))
 
 
 class InputRecorder:
@@ -130,7 +145,7 @@ def record_layer(layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Li
             except _StopForward:
                 continue
             if advance_inputs:
-                inputs.hidden[i] = out[0] if isinstance(out, tuple) else out
+                inputs.replace(i, out)
             elif stopper is None and recorder.order:
                 # The first batch shows which linear runs last; later batches stop there.
                 # Registered after the recorder's own hook, so it fires once the input is recorded.

@@ -17,12 +17,16 @@ from inferkit.artifacts import check_output_dir
 from inferkit.config import QuantizeConfig, Recipe
 from inferkit.data.calibration import build_samples
 from inferkit.errors import InferkitError
-from inferkit.models import load_model
+from inferkit.models import LoadedModel, load_model
+from inferkit.models.lazy import LazyWeights
+from inferkit.quant.compressed import PackedWeight
+from inferkit.quant.hessian import InputStats
 from inferkit.quant.gptq import GPTQConfig, gptq_quantize
 from inferkit.quant.rtn import QuantizedWeight, quantize_weight_rtn
 from inferkit.quant.scheme import QuantFormat
 from inferkit.stages import layerwise
 from inferkit.stages.artifact import write_quantized_artifact
+from inferkit.stages.memory import trim_heap
 from inferkit.stages.stats import load_layer_stats
 from inferkit.stages.timer import PhaseTimer
 
@@ -52,10 +56,10 @@ def plan_formats(model: nn.Module, cfg: QuantizeConfig) -> dict[str, QuantFormat
     return plan
 
 
-def bits_per_weight(qweights: dict[str, QuantizedWeight], scale_bits: int) -> float:
+def bits_per_weight(packed: dict[str, PackedWeight], scale_bits: int) -> float:
     """Average stored bits per quantized weight, scales and zero points included."""
-    bits = sum(qw.fmt.storage_bits(*qw.q.shape, scale_bits) for qw in qweights.values())
-    numel = sum(qw.q.numel() for qw in qweights.values())
+    bits = sum(pw.storage_bits(scale_bits) for pw in packed.values())
+    numel = sum(pw.shape[0] * pw.shape[1] for pw in packed.values())
     return bits / numel if numel else 0.0
 
 
@@ -68,24 +72,31 @@ def _set_weight(mod: nn.Linear, qw: QuantizedWeight) -> None:
 
     A new tensor rather than an in-place copy: the loaded weights are memory-mapped from the
     checkpoint, and writing into them would turn every page into a private copy that stays
-    resident for the whole run.
+    resident for the whole run. A new parameter, too: a head tied to the embeddings must not
+    change them.
     """
-    mod.weight.data = qw.dequantize().to(mod.weight.dtype)
+    mod.weight = nn.Parameter(qw.dequantize().to(mod.weight.dtype), requires_grad=False)
 
 
-def quantize_rtn(model, plan, cfg, timer, progress: Progress | None) -> dict[str, QuantizedWeight]:
-    modules = dict(model.named_modules())
+def quantize_rtn(loaded: LoadedModel, plan, cfg, timer, progress: Progress | None) -> dict[str, PackedWeight]:
+    modules = dict(loaded.model.named_modules())
     todo = [n for n, f in plan.items() if f is not None]
     out = {}
     with timer.phase("solve"):
         for i, name in enumerate(todo):
-            out[name] = quantize_weight_rtn(modules[name].weight.data, plan[name], cfg.scale_search)
+            one = {name: modules[name]}
+            loaded.load_weights(one)
+            weight = modules[name].weight.data
+            out[name] = PackedWeight.of(quantize_weight_rtn(weight, plan[name], cfg.scale_search), weight.dtype)
+            _release_weights(one, out)
             if progress:
                 progress(i + 1, len(todo), name)
     return out
 
 
-def _solve_layer(linears, plan, stats_by_owner, shared, cfg, timer, losses) -> dict[str, QuantizedWeight]:
+def _solve_layer(linears, plan, stats_by_owner, shared, cfg, timer, losses) -> dict[str, PackedWeight]:
+    """GPTQ every quantized linear of one layer; each weight is replaced by its dequantized
+    value (later layers see the error) and kept only in packed form."""
     out = {}
     with timer.phase("solve"):
         for name, mod in linears.items():
@@ -96,19 +107,24 @@ def _solve_layer(linears, plan, stats_by_owner, shared, cfg, timer, losses) -> d
             qw, loss = gptq_quantize(mod.weight.data, h, fmt, _gptq_config(cfg))
             losses[name] = loss
             _set_weight(mod, qw)
-            out[name] = qw
+            out[name] = PackedWeight.of(qw, mod.weight.dtype)
     return out
 
 
-def quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses) -> dict[str, QuantizedWeight]:
+def quantize_gptq_sequential(loaded: LoadedModel, samples, plan, cfg, timer, progress, losses) -> dict[str, PackedWeight]:
     """Layer by layer: gather Hessians on inputs that already carry the earlier layers'
     quantization error, solve, then rerun the quantized layer to feed the next one."""
+    model = loaded.model
     with timer.phase("forward"):
         inputs = layerwise.capture_first_inputs(model, samples, cfg.batch_size)
+    loaded.offload_embeddings()
+    trim_heap()
     layers = layerwise.decoder_layers(model)
     out = {}
     for idx, layer in enumerate(layers):
         linears = layerwise.linear_modules(layer, f"model.layers.{idx}")
+        with timer.phase("load"):
+            loaded.load_weights(linears)
         stats, shared = layerwise.gather_input_stats(layer, inputs, linears, advance_inputs=False, timer=timer)
         hessians = {k: v.xtx for k, v in stats.items()}
         out.update(_solve_layer(linears, plan, hessians, shared, cfg, timer, losses))
@@ -116,28 +132,50 @@ def quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses)
         with timer.phase("propagate"):
             layerwise.advance(layer, inputs)
         _release_weights(linears, out)
+        trim_heap()
         if progress:
             progress(idx + 1, len(layers), f"layer {idx}")
+    head = _head_linears(model, plan)
+    if head:
+        # The head reads the final norm of the last layer's outputs.
+        loaded.restore_embeddings()  # a tied head shares the embedding matrix
+        with timer.phase("hessian"):
+            final = InputStats(model.config.hidden_size)
+            for hidden in inputs.hidden:
+                final.add(model.model.norm(hidden))
+        out.update(_solve_layer(head, plan, {name: final.xtx for name in head}, {}, cfg, timer, losses))
     return out
 
 
-def _release_weights(linears: dict[str, nn.Linear], done: dict[str, QuantizedWeight]) -> None:
-    """Drop the float weights of finished layers (only their packed form is written), so
-    memory shrinks as the run proceeds instead of holding packed and float copies to the end."""
-    for name, mod in linears.items():
-        if name in done:
-            mod.weight.data = torch.empty(0, dtype=mod.weight.dtype)
+def _head_linears(model: nn.Module, plan: dict[str, QuantFormat | None]) -> dict[str, nn.Linear]:
+    """Quantized linears outside the decoder layers: only the output head is supported."""
+    modules = dict(model.named_modules())
+    rest = {n: modules[n] for n, f in plan.items() if f is not None and not n.startswith("model.layers.")}
+    head = model.get_output_embeddings()
+    for name, mod in rest.items():
+        if mod is not head:
+            raise InferkitError(f"{name} is outside the decoder layers and is not the output head; add it to ignore")
+    return rest
 
 
-def quantize_gptq_from_stats(model, stats_dir: Path, plan, cfg, timer, progress, losses) -> dict[str, QuantizedWeight]:
+def _release_weights(linears: dict[str, nn.Linear], done: dict[str, PackedWeight]) -> None:
+    """Drop the float weights of finished linears (only their packed form is written), so
+    memory holds one layer's weights at a time instead of the whole model's."""
+    LazyWeights.release({name: mod for name, mod in linears.items() if name in done})
+
+
+def quantize_gptq_from_stats(loaded: LoadedModel, stats_dir: Path, plan, cfg, timer, progress, losses) -> dict[str, PackedWeight]:
     """GPTQ from Hessians saved by ``inferkit calibrate`` (gathered on the unquantized model)."""
-    layers = layerwise.decoder_layers(model)
+    layers = layerwise.decoder_layers(loaded.model)
     out = {}
     for idx, layer in enumerate(layers):
         linears = layerwise.linear_modules(layer, f"model.layers.{idx}")
         with timer.phase("load_stats"):
             hessians, shared = load_layer_stats(stats_dir, idx, linears)
+        with timer.phase("load"):
+            loaded.load_weights(linears)
         out.update(_solve_layer(linears, plan, hessians, shared, cfg, timer, losses))
+        _release_weights(linears, out)
         if progress:
             progress(idx + 1, len(layers), f"layer {idx}")
     return out
@@ -164,24 +202,32 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
     timer = PhaseTimer()
     start = time.perf_counter()
     with timer.phase("load"):
-        loaded = load_model(model_path)
+        loaded = load_model(model_path, lazy=True)
     model = loaded.model
     plan = plan_formats(model, cfg)
     if not any(plan.values()):
         raise InferkitError("no linear layer is left to quantize: check the ignore list and overrides")
+    if stats_dir is not None and cfg.method == "gptq" and _head_linears(model, plan):
+        raise InferkitError("saved calibration stats cover the decoder layers only: quantize lm_head "
+                            "with sequential GPTQ (no --stats) or RTN, or add it to ignore")
+    modules = dict(model.named_modules())
+    with timer.phase("load"):
+        # Linears kept in full precision are written as they are: read them now.
+        loaded.load_weights({name: modules[name] for name, fmt in plan.items() if fmt is None})
     losses: dict[str, float] = {}
     with torch.no_grad():
         if cfg.method == "rtn":
-            qweights = quantize_rtn(model, plan, cfg, timer, progress)
+            qweights = quantize_rtn(loaded, plan, cfg, timer, progress)
         elif stats_dir is not None:
-            qweights = quantize_gptq_from_stats(model, Path(stats_dir), plan, cfg, timer, progress, losses)
+            qweights = quantize_gptq_from_stats(loaded, Path(stats_dir), plan, cfg, timer, progress, losses)
         else:
             with timer.phase("calibration_data"):
                 samples = build_samples(recipe.calibration, loaded.tokenizer)
-            qweights = quantize_gptq_sequential(model, samples, plan, cfg, timer, progress, losses)
+            qweights = quantize_gptq_sequential(loaded, samples, plan, cfg, timer, progress, losses)
     scale_bits = torch.finfo(model.dtype).bits
     bpw = bits_per_weight(qweights, scale_bits)
     with timer.phase("write"):
+        loaded.restore_embeddings()
         manifest = write_quantized_artifact(
             loaded, qweights, plan, recipe, out, overwrite,
             extra={

@@ -198,3 +198,33 @@ def test_bits_per_weight_counts_scales_for_int8_channel(tiny_llama, tmp_path):
     numel = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 2 + 64 * 96)
     assert result.bits_per_weight == pytest.approx((numel * 8 + rows * 32) / numel)
     assert result.layer_formats["model.layers.0.mlp.up_proj"] == QuantFormat(8, None, True)
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "gptq"), ("mistral", "gptq"), ("llama", "rtn")])
+def test_quantized_head(tiny_models, tmp_path, arch, method):
+    """lm_head quantized too (tied to the embeddings in llama, separate in mistral): GPTQ solves
+    it on the final norm's outputs; the embeddings stay full precision and are stored apart."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "art"
+    result = run_quantize(str(tiny_models[arch]), recipe(method=method, ignore=[]), out)
+    assert result.layer_formats["lm_head"] == QuantFormat(4, 32, True)
+    assert ("lm_head" in result.gptq_loss) == (method == "gptq")
+    state = load_file(out / "model.safetensors")
+    assert "lm_head.weight_packed" in state and "lm_head.weight" not in state
+    fp = load_model(tiny_models[arch], tokenizer=False).model
+    assert torch.equal(state["model.embed_tokens.weight"], fp.model.embed_tokens.weight)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head" not in config["quantization_config"]["ignore"]
+    ours = load_model(out, tokenizer=False).model
+    assert not torch.equal(ours.lm_head.weight, fp.lm_head.weight)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (ours(IDS).logits - theirs(IDS).logits).abs().max().item() < 1e-4
+
+
+def test_head_needs_sequential_gptq_with_saved_stats(tiny_llama, tmp_path):
+    run_calibrate(str(tiny_llama), CALIB, tmp_path / "stats", batch_size=4)
+    with pytest.raises(InferkitError, match="saved calibration stats cover the decoder layers only"):
+        run_quantize(str(tiny_llama), recipe(ignore=[]), tmp_path / "out", stats_dir=tmp_path / "stats")
+    assert not (tmp_path / "out").exists()
