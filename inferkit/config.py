@@ -15,6 +15,9 @@ from inferkit.errors import InferkitError
 from inferkit.quant.scheme import QuantFormat, parse_format
 
 METHODS = ("gptq", "rtn")
+SCALE_DTYPES = ("model", "float16", "bfloat16", "float32")
+SCAN_MODES = ("block", "kl", "proxy")
+EVAL_DEFAULTS = {"block": (8, 512), "kl": (4, 256), "proxy": (0, 0)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,13 @@ class QuantizeConfig:
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: dict = field(default_factory=dict)  # layer pattern → format name or "skip"
     batch_size: int = 2
+    # Mixed precision: a format per layer from a sensitivity scan, within this many bits per
+    # weight (or at most this summed sensitivity); formats and scan settings in ``sensitivity``.
+    target_bpw: float | None = None
+    max_cost: float | None = None
+    # dtype the scales are stored in: "model" (the checkpoint's compute dtype), float16,
+    # bfloat16 or float32. 16-bit scales cost half the bits (int4-g32: 4.5 instead of 5.0 bits).
+    scale_dtype: str = "model"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -43,6 +53,18 @@ class QuantizeConfig:
             _compile(pattern)
         if self.batch_size < 1:
             raise InferkitError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise InferkitError(f"unknown scale_dtype {self.scale_dtype!r}; choose one of {', '.join(SCALE_DTYPES)}")
+        if self.target_bpw is not None and self.max_cost is not None:
+            raise InferkitError("give target_bpw or max_cost, not both")
+        if self.target_bpw is not None and not self.target_bpw > 0:
+            raise InferkitError(f"target_bpw must be positive, got {self.target_bpw}")
+
+    def scale_torch_dtype(self, model_dtype):
+        """The torch dtype scales are stored in, for a model computing in ``model_dtype``."""
+        import torch
+
+        return model_dtype if self.scale_dtype == "model" else getattr(torch, self.scale_dtype)
 
     @property
     def format(self) -> QuantFormat:
@@ -56,6 +78,31 @@ class QuantizeConfig:
         if any(matches(p, name) for p in self.ignore):
             return None
         return self.format
+
+
+@dataclass(frozen=True, slots=True)
+class ScanConfig:
+    """How to scan. Formats without ``-sym``/``-asym`` take the recipe's symmetry."""
+
+    mode: str = "block"
+    formats: tuple[str, ...] = ("int8-ch", "int4-g32", "int4-g64", "int4-g128")
+    eval_samples: int = 0  # 0: the mode's default (block 8, kl 4)
+    eval_seq_len: int = 0  # 0: the mode's default (block 512, kl 256)
+    tie: bool = True  # plan q/k/v and gate/up as one unit each, as serving engines fuse them
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCAN_MODES:
+            raise InferkitError(f"unknown scan mode {self.mode!r}; choose one of {', '.join(SCAN_MODES)}")
+        if not self.formats:
+            raise InferkitError("the scan needs at least one candidate format")
+        for name in self.formats:
+            parse_format(name)
+        if self.eval_samples < 0 or self.eval_seq_len < 0:
+            raise InferkitError("eval_samples and eval_seq_len must be positive (0 for the default)")
+
+    def eval_shape(self) -> tuple[int, int]:
+        n, seq = EVAL_DEFAULTS[self.mode]
+        return self.eval_samples or n, self.eval_seq_len or seq
 
 
 def _compile(pattern: str) -> re.Pattern | None:
@@ -81,10 +128,12 @@ class Recipe:
     model: str | None = None
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    sensitivity: ScanConfig = field(default_factory=ScanConfig)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["quantize"]["ignore"] = list(self.quantize.ignore)
+        data["sensitivity"]["formats"] = list(self.sensitivity.formats)
         return data
 
 
@@ -120,11 +169,15 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     if quant.get("group_size") in ("channel", 0, -1):
         quant["group_size"] = None
     calib = _section(data, "calibration", where)
+    sens = _section(data, "sensitivity", where)
+    if "formats" in sens:
+        sens["formats"] = tuple(sens["formats"] or ())
     base = _build(Recipe, data, where)
     return dataclasses.replace(
         base,
         quantize=_build(QuantizeConfig, quant, f"{where}.quantize"),
         calibration=_build(CalibrationConfig, calib, f"{where}.calibration"),
+        sensitivity=_build(ScanConfig, sens, f"{where}.sensitivity"),
     )
 
 
@@ -139,7 +192,8 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(data or {}, where=path.name)
 
 
-def with_overrides(recipe: Recipe, quantize: dict | None = None, calibration: dict | None = None) -> Recipe:
+def with_overrides(recipe: Recipe, quantize: dict | None = None, calibration: dict | None = None,
+                   sensitivity: dict | None = None) -> Recipe:
     """Apply command-line flags (None values are 'not given') on top of a recipe."""
     q = {k: v for k, v in (quantize or {}).items() if v is not None}
     if q.get("group_size") == 0:  # 0 on the command line means per-channel
@@ -147,8 +201,10 @@ def with_overrides(recipe: Recipe, quantize: dict | None = None, calibration: di
     elif q.get("bits") == 8 and "group_size" not in q:
         q["group_size"] = None  # --bits 8 alone means the usual per-channel INT8
     c = {k: v for k, v in (calibration or {}).items() if v is not None}
+    s = {k: v for k, v in (sensitivity or {}).items() if v is not None}
     return dataclasses.replace(
         recipe,
         quantize=dataclasses.replace(recipe.quantize, **q),
         calibration=dataclasses.replace(recipe.calibration, **c),
+        sensitivity=dataclasses.replace(recipe.sensitivity, **s),
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from inferkit import __version__
-from inferkit.cli import calibrate, demo, eval as eval_mod, models, pending, quantize
+from inferkit.cli import calibrate, demo, eval as eval_mod, models, pending, quantize, sensitivity
 
 app = typer.Typer(
     name="inferkit",
@@ -33,6 +33,8 @@ def root(
 
 
 app.command("calibrate")(calibrate.calibrate)
+app.command("sensitivity-scan")(sensitivity.sensitivity_scan)
+app.command("plan")(sensitivity.plan)
 app.command("quantize")(quantize.quantize)
 app.command("eval")(eval_mod.eval_cmd)
 app.command("demo")(demo.demo)

@@ -7,7 +7,6 @@ import typer
 from inferkit.cli.ui import EXIT_NOT_BUILT, err_console
 
 PENDING = {
-    "sensitivity-scan": "Measure how much each layer suffers at each precision.",
     "distill": "Train a small draft model on the teacher's tokens (--teacher T --student S).",
     "pack": "Assemble the final artifact folder with manifest, reports and draft.",
     "serve-test": "Load the artifact into the bundled runtime and validate quality, speed and memory.",

@@ -25,6 +25,7 @@ class GPTQConfig:
     block_size: int = 128
     actorder: bool = False
     scale_search: bool = False
+    scale_dtype: torch.dtype = torch.float32  # scales are rounded to what they are stored in
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.damp < 1.0:
@@ -72,7 +73,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat,
     zero = None if fmt.symmetric else torch.zeros(out_features, num_groups)
     static = config.actorder or fmt.group_size is None
     if static:
-        s, z = find_qparams(w, fmt, config.scale_search, importance)
+        s, z = find_qparams(w, fmt, config.scale_search, importance, config.scale_dtype)
         scale.copy_(s)
         if zero is not None:
             zero.copy_(z)
@@ -98,7 +99,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, fmt: QuantFormat,
             g = int(col_group[col])
             if not static and col % group == 0:
                 imp = None if importance is None else importance[perm[col:col + group]]
-                s, z = find_qparams(w1[:, i:i + group], fmt, config.scale_search, imp)
+                s, z = find_qparams(w1[:, i:i + group], fmt, config.scale_search, imp, config.scale_dtype)
                 scale[:, g] = s[:, 0]
                 if zero is not None:
                     zero[:, g] = z[:, 0]

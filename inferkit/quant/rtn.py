@@ -36,8 +36,12 @@ def _grouped(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return w.reshape(out, cols // size, size)
 
 
-def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat):
-    """Scale and zero point covering ``[lo, hi]`` (0 always representable)."""
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat, scale_dtype: torch.dtype = torch.float32):
+    """Scale and zero point covering ``[lo, hi]`` (0 always representable).
+
+    Scales are rounded to ``scale_dtype``, the dtype they are stored in, before the zero point
+    and the integers are derived from them: what is quantized is exactly what is stored.
+    """
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     if fmt.symmetric:
@@ -47,6 +51,8 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QuantFormat):
     else:
         scale = (hi - lo) / (fmt.qmax - fmt.qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if scale_dtype != torch.float32:
+        scale = scale.clamp(min=torch.finfo(scale_dtype).tiny, max=torch.finfo(scale_dtype).max).to(scale_dtype).float()
     if not fmt.symmetric:
         zero = torch.clamp(torch.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero
@@ -66,7 +72,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
 
 
 def find_qparams(w: torch.Tensor, fmt: QuantFormat, search: bool = False,
-                 importance: torch.Tensor | None = None):
+                 importance: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32):
     """Per-group scale and zero point for ``w`` [out, in]: min/max, or the clipping that
     minimises the (importance-weighted) squared error when ``search`` is set.
 
@@ -75,13 +81,13 @@ def find_qparams(w: torch.Tensor, fmt: QuantFormat, search: bool = False,
     """
     g = _grouped(w.float(), fmt)  # [out, groups, size]
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    best_scale, best_zero = qparams_from_range(lo, hi, fmt)
+    best_scale, best_zero = qparams_from_range(lo, hi, fmt, scale_dtype)
     if not search:
         return best_scale, best_zero
     imp = None if importance is None else _grouped(importance.float().reshape(1, -1), fmt)
     best_err = None
     for factor in SEARCH_GRID:
-        scale, zero = qparams_from_range(lo * factor, hi * factor, fmt)
+        scale, zero = qparams_from_range(lo * factor, hi * factor, fmt, scale_dtype)
         deq = fake_quantize(g, scale[..., None], None if zero is None else zero[..., None], fmt)
         err = (deq - g).pow_(2)
         err = (err * imp if imp is not None else err).sum(dim=-1)
@@ -97,9 +103,9 @@ def find_qparams(w: torch.Tensor, fmt: QuantFormat, search: bool = False,
 
 
 def quantize_weight_rtn(w: torch.Tensor, fmt: QuantFormat, search: bool = False,
-                        importance: torch.Tensor | None = None) -> QuantizedWeight:
+                        importance: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """Round every weight to the nearest level of its group's grid."""
-    scale, zero = find_qparams(w, fmt, search, importance)
+    scale, zero = find_qparams(w, fmt, search, importance, scale_dtype)
     g = _grouped(w.float(), fmt)
     q = quantize_with(g, scale[..., None], None if zero is None else zero[..., None], fmt)
     return QuantizedWeight(

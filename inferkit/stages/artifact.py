@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,7 +46,8 @@ def input_hashes(folder: Path, gguf_file: str | None) -> dict[str, str]:
 
 def write_quantized_artifact(loaded: LoadedModel, packed: dict[str, PackedWeight],
                              plan: dict[str, QuantFormat | None], recipe: Recipe, out: Path,
-                             overwrite: bool, extra: dict) -> dict:
+                             overwrite: bool, extra: dict, files: dict[str, Path] | None = None) -> dict:
+    """The artifact folder; ``files`` (name in the artifact → file) are copied in, e.g. reports."""
     model = loaded.model
     q = recipe.quantize
     with atomic_output_dir(out, overwrite) as tmp:
@@ -58,6 +60,9 @@ def write_quantized_artifact(loaded: LoadedModel, packed: dict[str, PackedWeight
             plan, actorder=q.actorder and q.method == "gptq", scale_search=q.scale_search)
         write_json(tmp / "config.json", config)
         model.generation_config.save_pretrained(tmp)
+        for name, src in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         manifest = {

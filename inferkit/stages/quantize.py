@@ -4,6 +4,7 @@ the compressed-tensors artifact."""
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from inferkit import __version__
-from inferkit.artifacts import check_output_dir
+from inferkit.artifacts import check_output_dir, write_json
 from inferkit.config import QuantizeConfig, Recipe
 from inferkit.data.calibration import build_samples
 from inferkit.errors import InferkitError
@@ -27,6 +28,8 @@ from inferkit.quant.scheme import QuantFormat
 from inferkit.stages import layerwise
 from inferkit.stages.artifact import write_quantized_artifact
 from inferkit.stages.memory import trim_heap
+from inferkit.stages.plan import load_scan, make_plan, plan_layer_formats
+from inferkit.stages.sensitivity import HEATMAP, SCAN_FILE, model_fingerprint, run_scan
 from inferkit.stages.stats import load_layer_stats
 from inferkit.stages.timer import PhaseTimer
 
@@ -63,8 +66,8 @@ def bits_per_weight(packed: dict[str, PackedWeight], scale_bits: int) -> float:
     return bits / numel if numel else 0.0
 
 
-def _gptq_config(cfg: QuantizeConfig) -> GPTQConfig:
-    return GPTQConfig(cfg.damp, cfg.block_size, cfg.actorder, cfg.scale_search)
+def _gptq_config(cfg: QuantizeConfig, scale_dtype: torch.dtype) -> GPTQConfig:
+    return GPTQConfig(cfg.damp, cfg.block_size, cfg.actorder, cfg.scale_search, scale_dtype)
 
 
 def _set_weight(mod: nn.Linear, qw: QuantizedWeight) -> None:
@@ -87,7 +90,9 @@ def quantize_rtn(loaded: LoadedModel, plan, cfg, timer, progress: Progress | Non
             one = {name: modules[name]}
             loaded.load_weights(one)
             weight = modules[name].weight.data
-            out[name] = PackedWeight.of(quantize_weight_rtn(weight, plan[name], cfg.scale_search), weight.dtype)
+            scale_dtype = cfg.scale_torch_dtype(weight.dtype)
+            qw = quantize_weight_rtn(weight, plan[name], cfg.scale_search, scale_dtype=scale_dtype)
+            out[name] = PackedWeight.of(qw, scale_dtype)
             _release_weights(one, out)
             if progress:
                 progress(i + 1, len(todo), name)
@@ -104,10 +109,11 @@ def _solve_layer(linears, plan, stats_by_owner, shared, cfg, timer, losses) -> d
             if fmt is None:
                 continue
             h = stats_by_owner[shared.get(name, name)]
-            qw, loss = gptq_quantize(mod.weight.data, h, fmt, _gptq_config(cfg))
+            scale_dtype = cfg.scale_torch_dtype(mod.weight.dtype)
+            qw, loss = gptq_quantize(mod.weight.data, h, fmt, _gptq_config(cfg, scale_dtype))
             losses[name] = loss
             _set_weight(mod, qw)
-            out[name] = PackedWeight.of(qw, mod.weight.dtype)
+            out[name] = PackedWeight.of(qw, scale_dtype)
     return out
 
 
@@ -181,6 +187,13 @@ def quantize_gptq_from_stats(loaded: LoadedModel, stats_dir: Path, plan, cfg, ti
     return out
 
 
+def _plan_summary(plan: dict | None) -> dict | None:
+    if plan is None:
+        return None
+    keys = ("target", "bits_per_weight", "predicted_cost", "cost", "bits_counted", "scan", "format_counts", "units")
+    return {k: plan[k] for k in keys if k in plan}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB. Linux's VmHWM belongs to the address
     space, so unlike ``ru_maxrss`` it does not inherit a parent's peak across fork/exec."""
@@ -193,9 +206,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _mixed_plan(model_path: str, recipe: Recipe, plan: dict | None,
+                scan: str | Path | None, workdir: Path, timer: PhaseTimer, progress: Progress | None):
+    """The plan JSON to apply, and report files for the artifact (name → file)."""
+    cfg = recipe.quantize
+    files: dict[str, Path] = {}
+    if plan is None:
+        if scan is None:
+            with timer.phase("scan"):
+                run_scan(model_path, recipe, recipe.sensitivity, workdir / "scan", progress=progress)
+            scan = workdir / "scan"
+            files = {"reports/sensitivity.json": scan / SCAN_FILE, "reports/sensitivity.png": scan / HEATMAP}
+        scan_data, scan_file = load_scan(scan)
+        if files:  # the scan run here travels in the artifact
+            scan_file = Path("reports/sensitivity.json")
+        plan = make_plan(scan_data, scan_file, target_bpw=cfg.target_bpw, max_cost=cfg.max_cost)
+    write_json(workdir / "plan.json", plan)
+    files["plan.json"] = workdir / "plan.json"
+    return plan, files
+
+
 def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bool = False,
-                 stats_dir: str | Path | None = None, progress: Progress | None = None) -> QuantizeResult:
-    """Quantize ``model_path`` per ``recipe`` and write the artifact folder ``out``."""
+                 stats_dir: str | Path | None = None, progress: Progress | None = None,
+                 plan: dict | None = None, scan: str | Path | None = None) -> QuantizeResult:
+    """Quantize ``model_path`` per ``recipe`` and write the artifact folder ``out``.
+
+    Mixed precision: ``plan`` (a plan JSON) gives each linear its format; otherwise a recipe
+    with ``target_bpw``/``max_cost`` plans from ``scan`` (a scan folder), running the recipe's
+    sensitivity scan first when none is given.
+    """
     out = Path(out)
     check_output_dir(out, overwrite)
     cfg = recipe.quantize
@@ -204,7 +243,24 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
     with timer.phase("load"):
         loaded = load_model(model_path, lazy=True)
     model = loaded.model
-    plan = plan_formats(model, cfg)
+    mixed = plan is not None or cfg.target_bpw is not None or cfg.max_cost is not None
+    with tempfile.TemporaryDirectory(prefix="inferkit-plan-") as work:
+        if mixed:
+            layer_plan, report_files = _mixed_plan(model_path, recipe, plan, scan, Path(work), timer, progress)
+            linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            ignored = {n for n in linears if cfg.format_for(n) is None}
+            formats = plan_layer_formats(layer_plan, linears, ignored, model_fingerprint(loaded))
+        else:
+            layer_plan, report_files = None, {}
+            formats = plan_formats(model, cfg)
+        return _quantize_with_plan(loaded, recipe, formats, layer_plan, report_files, out, overwrite, stats_dir,
+                                   progress, timer, start)
+
+
+def _quantize_with_plan(loaded, recipe, plan, layer_plan, report_files, out, overwrite, stats_dir, progress,
+                        timer, start) -> QuantizeResult:
+    model = loaded.model
+    cfg = recipe.quantize
     if not any(plan.values()):
         raise InferkitError("no linear layer is left to quantize: check the ignore list and overrides")
     if stats_dir is not None and cfg.method == "gptq" and _head_linears(model, plan):
@@ -224,7 +280,7 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
             with timer.phase("calibration_data"):
                 samples = build_samples(recipe.calibration, loaded.tokenizer)
             qweights = quantize_gptq_sequential(loaded, samples, plan, cfg, timer, progress, losses)
-    scale_bits = torch.finfo(model.dtype).bits
+    scale_bits = torch.finfo(cfg.scale_torch_dtype(model.dtype)).bits
     bpw = bits_per_weight(qweights, scale_bits)
     with timer.phase("write"):
         loaded.restore_embeddings()
@@ -237,7 +293,9 @@ def run_quantize(model_path: str, recipe: Recipe, out: str | Path, overwrite: bo
                 "calibration_stats": str(stats_dir) if stats_dir else None,
                 "bits_per_weight": round(bpw, 4),
                 "gptq_loss": {k: round(v, 6) for k, v in losses.items()},
+                "plan": _plan_summary(layer_plan),
             },
+            files=report_files,
         )
     seconds = timer.as_dict()
     seconds["total"] = round(time.perf_counter() - start, 3)

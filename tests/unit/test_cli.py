@@ -35,7 +35,7 @@ def test_version():
     assert invoke("--version") == (0, f"inferkit {__version__}\n")
 
 
-@pytest.mark.parametrize("name", ["sensitivity-scan", "distill", "pack", "serve-test", "run", "verify"])
+@pytest.mark.parametrize("name", ["distill", "pack", "serve-test", "run", "verify"])
 def test_commands_not_built_yet_exit_2(name):
     code, out = invoke(name, "anything")
     assert code == 2
@@ -165,3 +165,39 @@ def test_stale_temp_folder_of_a_killed_run_is_cleared(tiny_llama, tmp_path):
     code, out = invoke("quantize", tiny_llama, "--method", "rtn", "--group-size", "32", "-o", tmp_path / "o")
     assert code == 0, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+SCAN_FLAGS = ["--calibration", "seed", "--num-samples", "8", "--seq-len", "64", "--eval-samples", "2", "--eval-seq-len", "64"]
+
+
+def test_scan_plan_quantize_flow(tiny_llama, tmp_path):
+    code, out = invoke("sensitivity-scan", tiny_llama, "-o", tmp_path / "scan", "--formats", "int8-ch,int4-g32",
+                       "--json", tmp_path / "scan.json", *SCAN_FLAGS)
+    assert code == 0, out
+    assert "most sensitive units" in out and "L0 attn.qkv_proj" in out
+    scan = json.loads((tmp_path / "scan.json").read_text())
+    assert len(scan["units"]) == 8 and scan["timings_s"]["total"] > 0
+    code, out = invoke("plan", tmp_path / "scan", "--target-bpw", "6.5", "-o", tmp_path / "plan.json")
+    assert code == 0, out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["bits_per_weight"] <= 6.5 and set(plan["format_counts"]) == {"int8-ch-sym", "int4-g32-sym"}
+    code, out = invoke("quantize", tiny_llama, "-o", tmp_path / "q", "--plan", tmp_path / "plan.json",
+                       "--calibration", "seed", "--num-samples", "8", "--seq-len", "64")
+    assert code == 0, out
+    assert json.loads((tmp_path / "q" / "inferkit.json").read_text())["bits_per_weight"] == round(plan["bits_per_weight"], 4)
+    code, out = invoke("plan", tmp_path / "scan", "--target-bpw", "3", "-o", tmp_path / "p2.json")
+    assert_one_line_error(code, out, "below the smallest plan")
+    code, out = invoke("plan", tmp_path / "scan", "--target-bpw", "6.5", "-o", tmp_path / "plan.json")
+    assert_one_line_error(code, out, "already exists")
+    code, out = invoke("quantize", tiny_llama, "-o", tmp_path / "q2", "--plan", tmp_path / "plan.json", "--target-bpw", "5")
+    assert_one_line_error(code, out, "--plan already fixes every layer's format")
+    assert not (tmp_path / "q2").exists()
+
+
+def test_scan_bad_input(tiny_llama, tmp_path):
+    code, out = invoke("sensitivity-scan", tiny_llama, "-o", tmp_path / "s", "--mode", "hessian")
+    assert_one_line_error(code, out, "unknown scan mode 'hessian'")
+    code, out = invoke("plan", tmp_path / "nothing", "--target-bpw", "4", "-o", tmp_path / "p.json")
+    assert_one_line_error(code, out, "no sensitivity scan at")
+    code, out = invoke("quantize", tiny_llama, "-o", tmp_path / "q", "--scan", tmp_path / "nothing")
+    assert_one_line_error(code, out, "--scan needs a target")

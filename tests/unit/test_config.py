@@ -28,6 +28,10 @@ def test_recipe_files():
     assert (w8.method, w8.format) == ("gptq", QuantFormat(8, None, True))
     rtn = load_recipe(RECIPES / "w4a16-g64-rtn.yaml").quantize
     assert (rtn.method, rtn.format) == ("rtn", QuantFormat(4, 64, True))
+    for bpw in (4.5, 5):
+        mixed = load_recipe(RECIPES / f"mixed-{bpw}bpw.yaml")
+        assert (mixed.quantize.target_bpw, mixed.quantize.scale_dtype) == (bpw, "float16")
+        assert mixed.sensitivity.mode == "block" and "int3-g64" in mixed.sensitivity.formats
 
 
 def test_demo_uses_the_w4a16_g64_recipe():
@@ -62,6 +66,11 @@ def test_layer_patterns_ignore_and_overrides():
     ({"quantize": {"overrides": {"x": "int9"}}}, "unsupported bit width 9"),
     ({"calibration": {"num_samples": 0}}, "at least 1"),
     ({"quantize": []}, "must be a mapping"),
+    ({"quantize": {"scale_dtype": "int8"}}, "unknown scale_dtype 'int8'"),
+    ({"quantize": {"target_bpw": 4.5, "max_cost": 1.0}}, "give target_bpw or max_cost, not both"),
+    ({"sensitivity": {"mode": "hessian"}}, "unknown scan mode 'hessian'"),
+    ({"sensitivity": {"formats": ["int4-g48"]}}, "unsupported group size 48"),
+    ({"sensitivity": {"mode": "kl", "speed": 2}}, "unknown key recipe.sensitivity.speed"),
 ])
 def test_bad_values(data, message):
     with pytest.raises(InferkitError, match=message):

@@ -228,3 +228,22 @@ def test_head_needs_sequential_gptq_with_saved_stats(tiny_llama, tmp_path):
     with pytest.raises(InferkitError, match="saved calibration stats cover the decoder layers only"):
         run_quantize(str(tiny_llama), recipe(ignore=[]), tmp_path / "out", stats_dir=tmp_path / "stats")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_16_bit_scales(tiny_llama, tmp_path, scale_dtype):
+    """Scales stored in 16 bits: half the scale bits, and the stored grid is the one GPTQ used."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / scale_dtype
+    result = run_quantize(str(tiny_llama), recipe(scale_dtype=scale_dtype), out)
+    assert result.bits_per_weight == pytest.approx(4 + 16 / 32)
+    state = load_file(out / "model.safetensors")
+    assert state["model.layers.0.mlp.up_proj.weight_scale"].dtype == getattr(torch, scale_dtype)
+    ours = load_model(out, tokenizer=False).model
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (ours(IDS).logits - theirs(IDS).logits).abs().max().item() < 1e-4
+    # GPTQ's own output error is what the stored weights give: nothing lost in storing
+    manifest = json.loads((out / "inferkit.json").read_text())
+    assert manifest["recipe"]["quantize"]["scale_dtype"] == scale_dtype

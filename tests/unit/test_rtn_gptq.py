@@ -119,3 +119,17 @@ def test_group_that_does_not_divide_names_layer_and_options():
         QuantFormat(4, 128, True).check_divides("model.layers.0.mlp.down_proj", 576)
     msg = str(err.value)
     assert "model.layers.0.mlp.down_proj" in msg and "576" in msg and "[32, 64]" in msg
+
+
+def test_scales_rounded_to_their_storage_dtype():
+    from inferkit.quant.rtn import quantize_weight_rtn
+    from inferkit.quant.scheme import QuantFormat
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    for dtype in (torch.float16, torch.bfloat16):
+        qw = quantize_weight_rtn(w, QuantFormat(4, 32, False), search=True, scale_dtype=dtype)
+        assert torch.equal(qw.scale, qw.scale.to(dtype).float())  # exactly representable
+        ref = quantize_weight_rtn(w, QuantFormat(4, 32, False), search=True)
+        # rounding the scale costs (almost) nothing in error
+        err, err_ref = (qw.dequantize() - w).pow(2).sum(), (ref.dequantize() - w).pow(2).sum()
+        assert err <= err_ref * 1.05
