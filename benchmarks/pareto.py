@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--calibration", default=str(WIKITEXT / "valid.txt"))
     parser.add_argument("--eval-text", default=str(WIKITEXT / "test.txt"))
     parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--num-samples", type=int, default=128, help="Calibration windows of 512 tokens.")
     parser.add_argument("--scans", default="block,kl,proxy")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "pareto.json"))
     args = parser.parse_args()
@@ -120,7 +121,7 @@ def main() -> None:
     console.print(f"fp32 perplexity: WikiText-2 {fp_ppl['wikitext']:.3f}, built-in held-out {fp_ppl['builtin']:.3f} ({builtin.shape[0]} x 512)")
     del fp
 
-    calib = CalibrationConfig(source=args.calibration, num_samples=128, seq_len=512)
+    calib = CalibrationConfig(source=args.calibration, num_samples=args.num_samples, seq_len=512)
     base_q = QuantizeConfig(method="gptq", symmetric=False, actorder=True, scale_search=True, scale_dtype="float16")
     recipe = Recipe(quantize=base_q, calibration=calib)
     work = Path(tempfile.mkdtemp(prefix="inferkit-pareto-"))
