@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--num-samples", type=int, default=128, help="Calibration windows of 512 tokens.")
     parser.add_argument("--scans", default="block,kl,proxy")
+    parser.add_argument("--reuse-scans", default=None, help="Folder holding scan-MODE/ folders (scan.json, timings.json) from an "
+                        "earlier run with the same model and calibration: those modes are loaded, with their measured times, "
+                        "instead of scanned again.")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "pareto.json"))
     args = parser.parse_args()
 
@@ -158,11 +161,21 @@ def main() -> None:
         for mode in args.scans.split(","):
             scan_cfg = ScanConfig(mode=mode, formats=MIXED_FORMATS)
             rec = replace(recipe, sensitivity=scan_cfg)
-            t = time.perf_counter()
-            result = run_scan(model, rec, scan_cfg, work / f"scan-{mode}", stats_dir=work / "stats")
-            seconds = round(time.perf_counter() - t, 1)
+            reused = Path(args.reuse_scans) / f"scan-{mode}" if args.reuse_scans else None
+            if reused is not None and (reused / "scan.json").is_file():
+                shutil.copytree(reused, work / f"scan-{mode}")
+                result, _ = load_scan(work / f"scan-{mode}")
+                seconds = json.loads((reused / "timings.json").read_text())["timings_s"]["total"]
+                console.print(f"{mode} scan reused from {reused}")
+            else:
+                t = time.perf_counter()
+                result = run_scan(model, rec, scan_cfg, work / f"scan-{mode}", stats_dir=work / "stats")
+                seconds = round(time.perf_counter() - t, 1)
+            keep = Path(args.json).parent / "scans" / f"scan-{mode}"
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(work / f"scan-{mode}", keep)
             scans[mode] = result
-            scan_rows.append({"mode": mode, "seconds": seconds})
+            scan_rows.append({"mode": mode, "seconds": seconds, "reused": reused is not None and (reused / "scan.json").is_file()})
             console.print(f"{mode} scan: {seconds} s")
             if mode == "block":
                 console.print(sensitivity_table(result, 10))

@@ -143,8 +143,8 @@ def _quantize_unit(unit: Unit, linears: dict[str, nn.Linear], fmt: QuantFormat, 
         deq = qw.dequantize().to(w.dtype)
         out[name] = deq
         if h is not None:
-            delta = (deq - w).double()
-            proxy += float(torch.einsum("oi,ij,oj->", delta, h.double(), delta))
+            delta = (deq - w).float()
+            proxy += float(((delta @ h.float()) * delta).sum())
     return out, (proxy if hessians is not None else None)
 
 
@@ -221,17 +221,21 @@ def run_scan(model_path: str, recipe: Recipe, scan: ScanConfig, out: str | Path,
             with timer.phase("forward"):
                 evals = layerwise.capture_first_inputs(model, eval_samples, cfg.batch_size)
         ref = None
-        if scan.mode == "kl":
+        if scan.mode in ("kl", "block"):
+            # kl: the reference distribution for every eval batch; block: for the first batch
+            # only, which calibrates each layer's block errors to next-token KL.
             with timer.phase("load"):
                 loaded.load_weights({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            batches = len(evals.hidden) if scan.mode == "kl" else 1
             with timer.phase("reference"):
-                ref = [_tail_logprobs(model, 0, h, kw) for h, kw in zip(evals.hidden, evals.kwargs)]
+                ref = [_tail_logprobs(model, 0, h, kw) for h, kw in zip(evals.hidden[:batches], evals.kwargs[:batches])]
         else:
             loaded.offload_embeddings()
         trim_heap()
 
         layers = layerwise.decoder_layers(model)
         costs: dict[str, dict[str, float]] = {}
+        calibration: dict[int, dict] = {}
         for idx, layer in enumerate(layers):
             linears = layerwise.linear_modules(layer, f"model.layers.{idx}")
             with timer.phase("load"):
@@ -259,12 +263,14 @@ def run_scan(model_path: str, recipe: Recipe, scan: ScanConfig, out: str | Path,
                 saved = _scan_layer(model, idx, layer, linears, by_layer.get(idx, []), formats, hessians, shared,
                                     recipe, scan.mode, evals, reference, ref, timer)
                 partial.save(idx, saved)
-            costs.update(saved)
+            costs.update(saved["costs"])
+            if "calibration" in saved:
+                calibration[idx] = saved["calibration"]
             if reference is not None:
                 for i, r in enumerate(reference):
                     evals.hidden[i].copy_(r)  # the next layer's full-precision inputs
             del reference
-            if scan.mode != "kl" and loaded.weights is not None:
+            if scan.mode == "proxy" and loaded.weights is not None:
                 LazyWeights.release(linears)
             trim_heap()
             if progress:
@@ -279,7 +285,9 @@ def run_scan(model_path: str, recipe: Recipe, scan: ScanConfig, out: str | Path,
             **{k: v for k, v in settings.items() if k != "model_fingerprint"},
             "scale_bits": torch.finfo(cfg.scale_torch_dtype(model.dtype)).bits,
             "cost": {
-                "block": "mean squared error of the decoder block's output, per element, over the held-out samples",
+                "block": ("squared error of the decoder block's output over the held-out samples, scaled per layer "
+                          "to next-token KL (nats per token): the layer's units quantized together at their "
+                          "fewest-bit formats give the KL measured for them"),
                 "kl": "mean KL divergence (nats per token) of the next-token distribution from full precision",
                 "proxy": "tr(ΔW H ΔWᵀ) per calibration token: squared output error of the unit's linears",
             }[scan.mode],
@@ -287,6 +295,8 @@ def run_scan(model_path: str, recipe: Recipe, scan: ScanConfig, out: str | Path,
                        "shapes": [list(s) for s in u.shapes]} for u in units],
             "costs": {u.name: costs[u.name] for u in units},
         }
+        if calibration:
+            result["layer_calibration"] = {str(k): v for k, v in sorted(calibration.items())}
         # Timings apart, so the same inputs give a byte-identical scan.json.
         write_json(partial.folder / SCAN_FILE, result)
         write_json(partial.folder / TIMINGS, {"timings_s": seconds})
@@ -313,7 +323,9 @@ def _per_token(hessians: dict[str, torch.Tensor], stats_dir: Path) -> dict[str, 
 
 
 def _scan_layer(model, idx, layer, linears, units, formats, hessians, shared, recipe, mode, evals, reference, ref, timer) -> dict:
+    """``{"costs": unit → format → cost}``, plus for block mode the layer's KL calibration."""
     costs: dict[str, dict[str, float]] = {}
+    fewest: dict[str, tuple[str, dict]] = {}  # unit → (its fewest-bit format, dequantized weights)
     for unit in units:
         originals = {name: linears[name].weight for name in unit.members}
         row = {}
@@ -322,6 +334,9 @@ def _scan_layer(model, idx, layer, linears, units, formats, hessians, shared, re
                 continue
             with timer.phase("solve"):
                 deq, proxy = _quantize_unit(unit, linears, fmt, hessians, shared, recipe)
+            bits = unit.bits(fmt, 16)
+            if unit.name not in fewest or bits < unit.bits(formats[fewest[unit.name][0]], 16):
+                fewest[unit.name] = (fname, deq)
             if mode == "proxy":
                 row[fname] = proxy
                 continue
@@ -334,4 +349,24 @@ def _scan_layer(model, idx, layer, linears, units, formats, hessians, shared, re
                 for name, w in originals.items():
                     linears[name].weight = w
         costs[unit.name] = row
-    return costs
+    if mode != "block" or not units:
+        return {"costs": costs}
+    # Block errors grow with depth (the residual stream does) while what a layer's error costs
+    # the output does not: measure the next-token KL of the layer's units quantized together
+    # at their fewest-bit formats and scale the layer's block errors to it.
+    originals = {name: mod.weight for name, mod in linears.items()}
+    for _, deq in fewest.values():
+        for name, w in deq.items():
+            linears[name].weight = nn.Parameter(w, requires_grad=False)
+    try:
+        with timer.phase("measure"):
+            first = layerwise.LayerInputs(evals.hidden[:1], evals.kwargs[:1])
+            kl = _kl(model, idx, first, ref)
+    finally:
+        for name, w in originals.items():
+            linears[name].weight = w
+    block = sum(costs[u][f] for u, (f, _) in fewest.items())
+    scale = kl / block if block > 0 else 0.0
+    scaled = {u: {f: c * scale for f, c in row.items()} for u, row in costs.items()}
+    return {"costs": scaled, "calibration": {"kl": kl, "block_sum": block, "scale": scale,
+                                              "formats": {u: f for u, (f, _) in fewest.items()}}}
