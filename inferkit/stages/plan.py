@@ -21,19 +21,23 @@ BITS_COUNTED = ("quantized linear weights of the decoder layers, with scales and
                 "embeddings, norms and an ignored lm_head stay full precision and are not counted")
 
 
+def _read_json(file: Path, kind: str, what: str) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InferkitError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise InferkitError(f"{file} is not an inferkit {what}")
+    return data
+
+
 def load_scan(path: str | Path) -> tuple[dict, Path]:
     """A scan from its folder or its scan.json; returns it and the file it came from."""
     p = Path(path)
     file = p / SCAN_FILE if p.is_dir() else p
     if not file.is_file():
         raise InferkitError(f"no sensitivity scan at {p}; run inferkit sensitivity-scan first")
-    try:
-        scan = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InferkitError(f"{file} is not valid JSON: {exc}") from exc
-    if scan.get("kind") != "inferkit-sensitivity-scan":
-        raise InferkitError(f"{file} is not an inferkit sensitivity scan")
-    return scan, file
+    return _read_json(file, "inferkit-sensitivity-scan", "sensitivity scan"), file
 
 
 def _units(scan: dict) -> list[Unit]:
@@ -83,12 +87,9 @@ def load_plan(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise InferkitError(f"plan {p} does not exist")
-    try:
-        plan = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InferkitError(f"plan {p} is not valid JSON: {exc}") from exc
-    if plan.get("kind") != "inferkit-plan" or not isinstance(plan.get("layers"), dict):
-        raise InferkitError(f"{p} is not an inferkit plan")
+    plan = _read_json(p, "inferkit-plan", "plan")
+    if not isinstance(plan.get("layers"), dict):
+        raise InferkitError(f"{p} is not an inferkit plan: it has no layers")
     return plan
 
 

@@ -192,3 +192,18 @@ def test_plan_errors(tiny_llama, block_scan, tmp_path):
     with pytest.raises(InferkitError, match="above the largest plan"):
         make_plan(data, file, target_bpw=9.0)
     assert not (tmp_path / "x").exists()
+
+
+def test_plan_and_scan_files_are_checked(tmp_path):
+    from inferkit.stages.plan import load_plan
+
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "other.json").write_text('{"kind": "something"}')
+    with pytest.raises(InferkitError, match="bad.json is not valid JSON"):
+        load_plan(tmp_path / "bad.json")
+    with pytest.raises(InferkitError, match="other.json is not an inferkit plan"):
+        load_plan(tmp_path / "other.json")
+    with pytest.raises(InferkitError, match="other.json is not an inferkit sensitivity scan"):
+        load_scan(tmp_path / "other.json")
+    with pytest.raises(InferkitError, match="plan .*missing.json does not exist"):
+        load_plan(tmp_path / "missing.json")
