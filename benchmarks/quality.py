@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--window-size", type=int, default=512)
     parser.add_argument("--only", nargs="*", default=None, help="Settings to run (default: all).")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="Keep the other settings' rows of an existing --json (same model, eval and calibration) "
+                             "and replace only the rows measured now, e.g. to re-time one setting on a quiet machine.")
     args = parser.parse_args()
 
     import torch
@@ -124,6 +127,16 @@ def main() -> None:
                         cols, [[r["setting"], r["bits_per_weight"], r["perplexity"], r["delta_pct"], r.get("quantize_s"),
                                 r.get("forward_s"), r.get("hessian_s"), r.get("solve_s"), r.get("propagate_s"),
                                 r.get("peak_rss_mb"), r.get("peak_above_baseline_mb")] for r in rows]))
+    if args.merge and Path(args.json).is_file():
+        old = json.loads(Path(args.json).read_text())
+        same = (old.get("model") == model and old.get("calibration") == calib
+                and old.get("eval") == {"text": args.eval_text, "windows": args.windows, "window_size": args.window_size})
+        if not same:
+            raise SystemExit(f"--merge: {args.json} was measured with another model, eval or calibration")
+        measured = {r["setting"] for r in rows}
+        rows = [rows[0]] + [r for r in old["rows"][1:] if r["setting"] not in measured] + rows[1:]
+        order = ["fp32", *SETTINGS]
+        rows.sort(key=lambda r: order.index(r["setting"]))
     checks = targets(rows, fp_mb)
     console.print(table("targets (issue 2)", ["target", "measured", "pass"], [[c["target"], c["measured"], "yes" if c["pass"] else "NO"] for c in checks]))
     out = Path(args.json)

@@ -66,6 +66,12 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_other(tmp_path_factory) -> Path:
+    """Same architecture as ``tiny_llama``, other weights: a different model to its fingerprint."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama-other", "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("archs")
     return {arch: make_tiny_model(root / arch, arch, seed=i) for i, arch in enumerate(("llama", "mistral", "qwen2"))}

@@ -17,7 +17,6 @@ from inferkit.stages import sensitivity as sens
 from inferkit.stages.calibrate import run_calibrate
 from inferkit.stages.plan import load_scan, make_plan
 from inferkit.stages.quantize import run_quantize
-from conftest import make_tiny_model
 
 CALIB = CalibrationConfig(source="seed", num_samples=8, seq_len=64)
 FORMATS = ("int8-ch", "int4-g32", "int4-g64")
@@ -177,12 +176,11 @@ def test_same_inputs_give_byte_identical_scan_and_artifact(tiny_llama, tmp_path)
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_plan_errors(tiny_llama, block_scan, tmp_path):
+def test_plan_errors(tiny_llama, tiny_llama_other, block_scan, tmp_path):
     data, file = load_scan(block_scan[1])
     plan = make_plan(data, file, target_bpw=6)
-    other = make_tiny_model(tmp_path / "other", "llama", seed=1)
     with pytest.raises(InferkitError, match="made for another model"):
-        run_quantize(str(other), recipe(), tmp_path / "x", plan=plan)
+        run_quantize(str(tiny_llama_other), recipe(), tmp_path / "x", plan=plan)
     bad = json.loads(json.dumps(plan))
     bad["layers"]["model.layers.7.mlp.down_proj"] = "int8-ch-sym"
     with pytest.raises(InferkitError, match="names model.layers.7.mlp.down_proj, which is not a linear layer"):
