@@ -6,7 +6,11 @@ run will use (GPTQ with the recipe's settings, or RTN), everything else left in 
 and the damage is measured one of three ways:
 
 - ``block`` (default): squared error of the decoder block's output on cached block inputs of
-  held-out samples, per element (exllamav2's measurement pass does the same kind of thing);
+  held-out samples (exllamav2's measurement pass does the same kind of thing), scaled per layer
+  so that the layer's units together at their fewest-bit formats cost the next-token KL
+  measured for them: raw block errors grow with depth as the residual stream does, what they
+  cost the output does not (uncalibrated they ranked units at 0.80 Spearman against KL on the
+  demo model, calibrated at 0.975);
 - ``kl``: KL divergence of the next-token distribution from the full-precision model's, over
   held-out samples, running the rest of the model from the cached block inputs;
 - ``proxy``: the Hessian-weighted weight error ``tr(ΔW H ΔWᵀ)`` per calibration token, i.e.
