@@ -89,10 +89,15 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    move_into_place(tmp, out)
+
+
+def move_into_place(folder: Path, out: Path) -> None:
+    """Rename the finished ``folder`` to ``out``, replacing an existing ``out`` (moved aside first)."""
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
-        os.replace(tmp, out)
+        os.replace(folder, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        os.replace(folder, out)

@@ -115,7 +115,8 @@ def solve(units: list[Unit], costs: dict[str, dict[str, float]], formats: dict[s
     # Exact when the options' sizes share a divisor that makes the grid small enough (they
     # usually do: every size is a multiple of the rows of its matrix); else round sizes up.
     quantum = _gcd_all(options)
-    if budget // quantum > STEPS:
+    exact = budget // quantum <= STEPS
+    if not exact:
         quantum = math.ceil(budget / STEPS)
     if target_bpw is not None:
         size = budget // quantum + 1
@@ -162,7 +163,6 @@ def solve(units: list[Unit], costs: dict[str, dict[str, float]], formats: dict[s
     choice = {u.name: choice[u.name] for u in units}
     total_bits = sum(unit.bits(formats[choice[unit.name]], scale_bits) for unit in units)
     total_cost = sum(float(costs[unit.name][choice[unit.name]]) for unit in units)
-    exact = budget // _gcd_all(options) <= STEPS
     return PlanResult(choice, total_bits, numel, total_cost, budget if target_bpw is not None else None,
                       0.0 if exact else len(units) * quantum / numel)
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from inferkit import __version__
-from inferkit.artifacts import check_output_dir, write_json
+from inferkit.artifacts import check_output_dir, move_into_place, write_json
 from inferkit.config import Recipe, ScanConfig, matches
 from inferkit.data.calibration import build_samples
 from inferkit.errors import InferkitError
@@ -48,7 +48,7 @@ from inferkit.quant.scheme import QuantFormat, parse_format
 from inferkit.stages import layerwise
 from inferkit.stages.artifact import input_hashes
 from inferkit.stages.memory import trim_heap
-from inferkit.stages.stats import load_layer_stats
+from inferkit.stages.stats import SUMMARY, load_layer_stats
 from inferkit.stages.timer import PhaseTimer
 
 SCAN_FILE = "scan.json"
@@ -123,13 +123,7 @@ class _Partial:
         for path in self.folder.glob("layer_*.json"):
             path.unlink()
         (self.folder / "settings.json").unlink()
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(self.folder, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.folder, out)
+        move_into_place(self.folder, out)
 
 
 def _quantize_unit(unit: Unit, linears: dict[str, nn.Linear], fmt: QuantFormat, hessians, shared, recipe: Recipe):
@@ -206,6 +200,8 @@ def run_scan(model_path: str, recipe: Recipe, scan: ScanConfig, out: str | Path,
         "eval": {"samples": eval_n, "seq_len": eval_seq} if scan.mode != "proxy" else None,
     }
     partial = _Partial(out, settings, overwrite)
+    # Saved stats hold the summed XᵀX; the proxy is per token, as for Hessians gathered here.
+    stats_tokens = _stats_tokens(Path(stats_dir)) if stats_dir is not None and need_hessians else 1
     by_layer: dict[int, list[Unit]] = {}
     for unit in units:
         by_layer.setdefault(_layer_of(unit.members[0]), []).append(unit)
@@ -258,7 +254,7 @@ def run_scan(model_path: str, recipe: Recipe, scan: ScanConfig, out: str | Path,
                     with timer.phase("forward"):
                         layerwise.advance(layer, calib)
             if hessians is not None and stats_dir is not None:
-                hessians = _per_token(hessians, Path(stats_dir))
+                hessians = {k: v / stats_tokens for k, v in hessians.items()}
             reference = None
             if evals is not None:
                 with timer.phase("forward"):
@@ -319,11 +315,11 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _per_token(hessians: dict[str, torch.Tensor], stats_dir: Path) -> dict[str, torch.Tensor]:
-    """Saved stats hold the summed ``XᵀX``; the proxy is per token, as for Hessians gathered here."""
-    summary = json.loads((stats_dir / "stats.json").read_text())
-    tokens = max(1, int(summary.get("num_tokens", 1)))
-    return {k: v / tokens for k, v in hessians.items()}
+def _stats_tokens(stats_dir: Path) -> int:
+    if not (stats_dir / SUMMARY).is_file():
+        raise InferkitError(f"{stats_dir} is not a calibration stats folder (no {SUMMARY}); run inferkit calibrate")
+    summary = json.loads((stats_dir / SUMMARY).read_text())
+    return max(1, int(summary.get("num_tokens", 1)))
 
 
 def _scan_layer(model, idx, layer, linears, units, formats, hessians, shared, recipe, mode, evals, reference, ref, timer) -> dict:
