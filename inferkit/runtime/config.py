@@ -1,0 +1,51 @@
+"""Engine options, checked when the engine is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferkit.errors import InferkitError
+
+LINEAR_BACKENDS = ("auto", "torch", "reference")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # pool size in blocks; None: from kv_cache_gb
+    kv_cache_gb: float = 1.0  # pool size as a memory budget, used when num_kv_blocks is None
+    max_num_seqs: int = 64  # sequences in flight at once
+    max_num_batched_tokens: int = 512  # tokens computed in one step (prefill chunks + decodes)
+    max_model_len: int | None = None  # prompt + output tokens; None: the model's context
+    enable_prefix_caching: bool = True
+    dtype: str = "float32"  # activations and unquantized weights: float32, bfloat16, float16
+    device: str = "cpu"
+    linear_backend: str = "auto"  # auto: torch; reference: dequantize the packed words every call
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: leave as is
+    verify_hashes: bool = True  # check the artifact's files against its manifest on load
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InferkitError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InferkitError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.kv_cache_gb <= 0:
+            raise InferkitError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.max_num_seqs < 1:
+            raise InferkitError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise InferkitError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InferkitError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InferkitError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise InferkitError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
+
+    @classmethod
+    def from_options(cls, **options) -> "EngineConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InferkitError(f"unknown engine option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**options)

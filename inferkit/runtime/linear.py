@@ -1,0 +1,158 @@
+"""Linear layers over the artifact's weights: dense, and quantized ones that keep the weights
+packed (INT8 as int8, INT4 as two values per byte) and dequantize them for each call.
+
+Two backends behind one ``__call__(x)``:
+
+- ``torch``: dequantized per call into a scratch buffer shared by all layers of a shape (it
+  stays in the CPU's cache), then one matmul; per-channel scales are applied to the output. On
+  the CPU the matmul goes through oneDNN's inner product when torch has it: measured 15-45%
+  faster than ``F.linear`` for 1-16 rows on this project's 2-core machine.
+- ``reference``: the compressed-tensors words as stored, unpacked and dequantized per group on
+  every call, then ``F.linear``: slow, obviously right, the ground truth in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from inferkit.quant import compressed
+from inferkit.quant.pack import unpack_int32
+from inferkit.quant.scheme import QuantFormat
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _onednn_works() -> bool:
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.ones(1, 2), torch.ones(3, 2)
+        return torch.backends.mkldnn.is_available() and bool((op(x, w, None, "none", [], "") == 2).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_works()
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T (+ bias)."""
+    if _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (shape, dtype, device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight = weight.contiguous()  # [out, in]
+        self.bias = bias
+        self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight, self.bias)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class QuantLinear:
+    """INT2-8 weights, grouped or per channel, symmetric or with zero points (``torch`` backend).
+
+    ``codes`` are the signed integers [out, in] as int8. They are kept as int8, or for 4 bits
+    (even input size) as uint8 [out, in/2] with column 2i in the low nibble, 2i+1 in the high.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 fmt: QuantFormat, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+        out_features, in_features = codes.shape
+        self.in_features, self.out_features, self.fmt, self.dtype, self.bias = in_features, out_features, fmt, dtype, bias
+        self.num_groups = fmt.num_groups(in_features)
+        offset = 0
+        if fmt.bits == 4 and in_features % 2 == 0:
+            u = (codes.to(torch.int16) + 8).to(torch.uint8)  # 0..15
+            self.packed = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+            offset = 8
+        else:
+            self.packed = codes.contiguous()
+        # Integer subtracted per group before scaling: the nibble offset plus the zero point.
+        sub = torch.full((out_features, self.num_groups), float(offset))
+        if zero_point is not None:
+            sub = sub + zero_point.float()
+        self.sub = sub.unsqueeze(-1).to(dtype).contiguous() if sub.any() else None  # [out, groups, 1]
+        self.scale = scale.float().unsqueeze(-1).to(dtype).contiguous()  # [out, groups, 1]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [out, in], in a scratch buffer overwritten by the next call."""
+        buf = _scratch((self.out_features, self.in_features), self.dtype, self.packed.device)
+        if self.packed.dtype == torch.uint8:
+            pairs = buf.view(self.out_features, self.in_features // 2, 2)
+            pairs[..., 0].copy_(self.packed & 15)
+            pairs[..., 1].copy_(self.packed >> 4)
+        else:
+            buf.copy_(self.packed)
+        grouped = buf.view(self.out_features, self.num_groups, -1)
+        if self.sub is not None:
+            grouped.sub_(self.sub)
+        if self.num_groups > 1:
+            grouped.mul_(self.scale)
+        return buf
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_groups > 1:
+            return matmul(x, self.dequantize(), self.bias)
+        y = matmul(x, self.dequantize()) * self.scale[:, 0, 0]
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale) + ((self.sub,) if self.sub is not None else ()))
+
+
+class ReferenceQuantLinear:
+    """The stored compressed-tensors tensors, dequantized per group on every call."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], fmt: QuantFormat, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None) -> None:
+        self.tensors, self.fmt, self.dtype, self.bias = tensors, fmt, dtype, bias
+        self.out_features, self.in_features = (int(v) for v in tensors["weight_shape"].tolist())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        cpu = {k: v.cpu() for k, v in self.tensors.items()}
+        weight = compressed.decompress(cpu, self.fmt).dequantize().to(device=x.device, dtype=self.dtype)
+        return matmul(x, weight, self.bias)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class ConcatLinear:
+    """Several linears on the same input whose outputs are concatenated (a fused q/k/v or
+    gate/up projection whose parts cannot be merged: mixed formats, or the reference backend)."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.parts)
+
+
+def codes_of(tensors: dict[str, torch.Tensor], fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(int8 codes [out, in], scales [out, groups], int8 zero points or None) of a packed layer."""
+    out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
+    codes = unpack_int32(tensors["weight_packed"], fmt.bits, in_features, dim=1)
+    zero = None
+    if "weight_zero_point" in tensors:
+        zero = unpack_int32(tensors["weight_zero_point"], fmt.bits, out_features, dim=0)
+    return codes, tensors["weight_scale"], zero

@@ -1,0 +1,181 @@
+"""The Llama-family forward pass (Llama, Mistral, Qwen2): RMSNorm, RoPE with the config's
+scaling, grouped-query attention over the paged cache, SwiGLU; one flat batch of tokens from
+many sequences per call."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from inferkit.errors import InferkitError
+from inferkit.runtime.attention import AttentionMetadata, KVCache, paged_attention
+from inferkit.runtime.weights import Checkpoint, LinearLoader
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSpec":
+        if cfg.model_type not in SUPPORTED:
+            raise InferkitError(f"the runtime runs {', '.join(SUPPORTED)} models, not {cfg.model_type!r}")
+        heads = cfg.num_attention_heads
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        return cls(cfg.model_type, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, heads,
+                   getattr(cfg, "num_key_value_heads", None) or heads,
+                   getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.rms_norm_eps,
+                   cfg.max_position_embeddings, bool(getattr(cfg, "tie_word_embeddings", False)), window)
+
+
+def rope_tables(cfg, max_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_len, head_dim] as transformers computes them (float32), scaling included."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    scaling = 1.0
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    elif rope_type == "dynamic":
+        raise InferkitError("dynamic NTK RoPE scaling is not supported by the runtime")
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise InferkitError(f"unknown RoPE scaling type {rope_type!r}")
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, weight.shape, weight, eps)  # same arithmetic, one kernel
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos, sin_signed [T, 1, D] (sin with its first half negated).
+
+    transformers' ``x * cos + rotate_half(x) * sin``, where rotate_half(x) = [-x2, x1]:
+    swapping the halves and folding the sign into sin gives the same products.
+    """
+    half = x.shape[-1] // 2
+    swapped = x.view(*x.shape[:-1], 2, half).flip(-2).view(x.shape)
+    return x * cos + swapped * sin_signed
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    qkv: object
+    o: object
+    post_norm: torch.Tensor
+    gate_up: object
+    down: object
+
+
+class RuntimeModel:
+    def __init__(self, folder: Path, hf_config, spec: ModelSpec, formats: dict, dtype: torch.dtype,
+                 device: torch.device, backend: str, max_len: int) -> None:
+        self.spec, self.dtype, self.device = spec, dtype, device
+        ckpt = Checkpoint(folder)
+        lin = LinearLoader(ckpt, formats, dtype, device, backend)
+
+        def tensor(name: str) -> torch.Tensor:
+            return ckpt.get(name).to(device, dtype)
+
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}"
+            attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+            self.layers.append(Layer(
+                tensor(f"{p}.input_layernorm.weight"),
+                lin.load([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]),
+                lin.load([f"{attn}.o_proj"]),
+                tensor(f"{p}.post_attention_layernorm.weight"),
+                lin.load([f"{mlp}.gate_proj", f"{mlp}.up_proj"]),
+                lin.load([f"{mlp}.down_proj"]),
+            ))
+        self.norm = tensor("model.norm.weight")
+        if "lm_head.weight" in ckpt or lin.is_packed("lm_head"):
+            self.lm_head = lin.load(["lm_head"])
+            self.embed = tensor("model.embed_tokens.weight")  # [V, H]
+        elif spec.tie_word_embeddings:
+            self.lm_head = lin.load(["model.embed_tokens"])  # one tensor serves both
+            self.embed = None
+        else:
+            raise InferkitError("the checkpoint has no lm_head.weight and the config does not tie embeddings")
+        cos, sin = rope_tables(hf_config, max_len, spec.head_dim)
+        half = spec.head_dim // 2
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        self.cos, self.sin = cos.to(device, dtype)[:, None, :], sin.to(device, dtype)[:, None, :]
+        self.scale = spec.head_dim ** -0.5
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            return self.embed[ids]
+        return self.lm_head.weight[ids]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                cache: KVCache, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """Logits [len(logit_rows), V] (float32) for the chosen rows (None: every row)."""
+        s = self.spec
+        h = self.embed_tokens(input_ids)  # a fresh tensor: the residual stream, updated in place
+        cos, sin = self.cos[positions], self.sin[positions]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
+            qkv = layer.qkv(x).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+            qk = apply_rope(qkv[:, : s.num_heads + s.num_kv_heads], cos, sin)  # q and k heads at once
+            q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
+            cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping)
+            o = paged_attention(q, cache, i, meta, self.scale)
+            h.add_(layer.o(o.reshape(-1, self.q_size)))
+            x = rms_norm(h, layer.post_norm, s.rms_norm_eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h.add_(layer.down(F.silu(gate) * up))
+        if logit_rows is not None:
+            h = h[logit_rows]
+        return self.lm_head(rms_norm(h, self.norm, s.rms_norm_eps)).float()
+
+
+def read_formats(folder: Path) -> dict:
+    """Format of every packed layer named by the artifact's quantization_config ({} if none)."""
+    from inferkit.models.artifact import _layer_formats
+
+    raw = json.loads((folder / "config.json").read_text())
+    qconfig = raw.get("quantization_config") or {}
+    if not qconfig:
+        return {}
+    if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != "pack-quantized":
+        raise InferkitError(f"the runtime reads compressed-tensors pack-quantized artifacts, not "
+                            f"{qconfig.get('quant_method')}/{qconfig.get('format')}")
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            names += [k[: -len(".weight_packed")] for k in handle.keys() if k.endswith(".weight_packed")]
+    return _layer_formats(qconfig, names)

@@ -1,0 +1,229 @@
+"""The runtime against transformers on tiny random models: greedy tokens, logits of quantized
+artifacts, prefix caching, preemption, sampling, stop conditions and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from inferkit.config import QuantizeConfig, Recipe
+from inferkit.data.calibration import CalibrationConfig
+from inferkit.errors import InferkitError
+from inferkit.models.artifact import load_artifact_model
+from inferkit.runtime import LLM, SamplingParams
+from inferkit.runtime.sampler import filtered_probs
+from inferkit.stages.quantize import run_quantize
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+PROMPTS = [[5, 17, 30, 2, 99], [7] * 3, list(range(40, 75)), [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210],
+           [5, 17, 30, 2, 99, 11], [300, 2, 3]]
+
+
+def hf_greedy(folder, prompts, n):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    outs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=1)
+        outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_llama):
+    return hf_greedy(tiny_llama, PROMPTS, 24)
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(enable_prefix_caching=False), dict(max_num_batched_tokens=7),
+    dict(num_kv_blocks=7, block_size=8, max_model_len=56),  # 56 slots for six sequences of up to 59: preemptions
+], ids=["default", "no-prefix-cache", "chunked", "preempting"])
+def test_greedy_matches_transformers(tiny_llama, hf_reference, options):
+    llm = LLM(tiny_llama, **options)
+    prompts = PROMPTS if "max_model_len" not in options else [p for p in PROMPTS if len(p) + 24 <= 56]
+    expected = [r for p, r in zip(PROMPTS, hf_reference) if p in prompts]
+    batched = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in batched] == expected
+    one_by_one = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    assert one_by_one == expected
+    if "num_kv_blocks" in options:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_architectures_match_transformers(tiny_models, arch):
+    llm = LLM(tiny_models[arch])
+    assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == hf_greedy(tiny_models[arch], PROMPTS[:3], 24)
+
+
+def test_prefix_cache_serves_a_repeated_prompt(tiny_llama):
+    llm = LLM(tiny_llama, block_size=4)
+    prompt = list(range(10, 40))
+    first = llm.generate([prompt], GREEDY)[0]
+    again = llm.generate([prompt], GREEDY)[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 28
+    assert again.token_ids == first.token_ids
+
+
+def test_score_matches_transformers_logits(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = list(range(3, 100))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    llm = LLM(tiny_llama, max_num_batched_tokens=32)  # scored in chunks through the paged cache
+    assert torch.allclose(llm.score(ids), ref, atol=1e-4)
+
+
+CALIB = CalibrationConfig(source="seed", num_samples=8, seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_llama, tmp_path_factory):
+    out = {}
+    for name, q in {"w4-asym-g32": dict(method="gptq", bits=4, group_size=32, symmetric=False),
+                    "w8-ch": dict(method="rtn", bits=8, group_size=None),
+                    "w4-sym-g64": dict(method="rtn", bits=4, group_size=64, overrides={"mlp.down_proj": "int4-ch-sym"}),
+                    "mixed": dict(method="rtn", bits=4, group_size=32, overrides={"mlp.down_proj": "int8-ch-sym", "k_proj": "skip"}),
+                    }.items():
+        path = tmp_path_factory.mktemp("art") / name
+        run_quantize(str(tiny_llama), Recipe(quantize=QuantizeConfig(batch_size=4, **q), calibration=CALIB), path)
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("name", ["w4-asym-g32", "w8-ch", "w4-sym-g64", "mixed"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_quantized_artifact_logits_match_transformers(artifacts, name, backend):
+    ids = list(range(3, 60))
+    with torch.no_grad():
+        ref = load_artifact_model(artifacts[name])(torch.tensor([ids])).logits[0]
+    got = LLM(artifacts[name], linear_backend=backend).score(ids)
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_quantized_weights_stay_packed(artifacts):
+    llm = LLM(artifacts["w4-asym-g32"])
+    layer = llm.engine.model.layers[0]
+    assert layer.gate_up.packed.dtype == torch.uint8
+    assert layer.gate_up.packed.numel() == layer.gate_up.out_features * layer.gate_up.in_features // 2
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(tiny_llama):
+    llm = LLM(tiny_llama)
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=16, seed=7, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], params)[0].token_ids
+    batched = llm.generate(PROMPTS[:4], [SamplingParams(temperature=1.0, max_tokens=16, seed=i) for i in range(3)] + [params])
+    in_batch = llm.generate([PROMPTS[1], PROMPTS[0]], [GREEDY, params])[1].token_ids
+    assert alone == in_batch and len(batched) == 4
+    other = llm.generate([PROMPTS[0]], SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=16, seed=8, ignore_eos=True))
+    assert other[0].token_ids != alone
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny_llama):
+    llm = LLM(tiny_llama)
+    greedy = [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)]
+    for params in (SamplingParams(temperature=1.5, top_k=1, max_tokens=24, ignore_eos=True, seed=1),
+                   SamplingParams(temperature=1.5, top_p=1e-6, max_tokens=24, ignore_eos=True, seed=1)):
+        assert [o.token_ids for o in llm.generate(PROMPTS[:3], params)] == greedy
+
+
+def test_filtered_probs_cut_exactly():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    assert torch.allclose(filtered_probs(logits, 1.0, 2, 1.0), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    assert torch.allclose(filtered_probs(logits, 1.0, 0, 0.7), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))  # 0.5 < 0.7
+    assert torch.allclose(filtered_probs(logits, 1.0, 0, 0.71), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    hot = filtered_probs(logits, 2.0, 0, 1.0)
+    assert torch.allclose(hot, torch.softmax(logits / 2, -1))
+
+
+def test_logprobs_are_the_models(tiny_llama):
+    llm = LLM(tiny_llama)
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True))[0]
+    logits = llm.score(PROMPTS[0] + out.token_ids)
+    logp = torch.log_softmax(logits[len(PROMPTS[0]) - 1:-1], -1)
+    for i, entry in enumerate(out.logprobs):
+        token = out.token_ids[i]
+        assert entry[token] == pytest.approx(float(logp[i, token]), abs=1e-4)
+        assert set(entry) == {token} | set(torch.topk(logp[i], 2).indices.tolist())
+
+
+def test_stop_conditions(tiny_llama):
+    llm = LLM(tiny_llama)
+    free = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    stop_id = free.token_ids[5]
+    by_id = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_id]))[0]
+    assert by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1] and by_id.finish_reason == "stop"
+    stop_text = free.text[10:13]
+    by_text = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=24, stop=[stop_text]))[0]
+    assert by_text.finish_reason == "stop" and stop_text not in by_text.text and free.text.startswith(by_text.text)
+    assert by_text.text == free.text[: free.text.index(stop_text)]
+    assert free.finish_reason == "length" and len(free.token_ids) == 24
+
+
+def test_eos_ends_a_request_unless_ignored(tiny_llama):
+    llm = LLM(tiny_llama)
+    free = llm.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    llm.engine.eos_ids = {free.token_ids[3]}
+    stopped = llm.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=24))[0]
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[3]) + 1]
+    assert stopped.finish_reason == "stop"
+    at_least = llm.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=24, min_tokens=10))[0]
+    assert len(at_least.token_ids) >= 10
+
+
+def test_string_prompts_are_tokenized(tiny_llama):
+    llm = LLM(tiny_llama)
+    text = "def add(a, b):"
+    ids = llm.tokenizer(text)["input_ids"]
+    assert llm.generate(text, GREEDY)[0].token_ids == llm.generate([ids], GREEDY)[0].token_ids
+
+
+def test_bad_request_fails_alone(tiny_llama):
+    llm = LLM(tiny_llama, max_model_len=64)
+    outs = llm.generate([PROMPTS[0], list(range(70)), [], PROMPTS[1]], GREEDY)
+    assert outs[1].finish_reason == "error" and "max_model_len" in outs[1].error
+    assert outs[2].finish_reason == "error" and "empty" in outs[2].error
+    assert outs[0].token_ids and outs[3].token_ids and outs[0].error is None
+    bad_ids = llm.generate([[5, 10_000]], GREEDY)[0]
+    assert "token ids" in bad_ids.error
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-3), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(stop=[""]), "stop"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(logprobs=-1), "logprobs"),
+])
+def test_invalid_sampling_params(kwargs, message):
+    with pytest.raises(InferkitError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_engine_option_errors(tiny_llama):
+    with pytest.raises(InferkitError, match="cannot hold one sequence"):
+        LLM(tiny_llama, num_kv_blocks=3, block_size=16)  # 48 slots < 256-token context
+    with pytest.raises(InferkitError, match="unknown engine option"):
+        LLM(tiny_llama, kv_cache_size=3)
+    with pytest.raises(InferkitError, match="block_size"):
+        LLM(tiny_llama, block_size=12)
+    with pytest.raises(InferkitError, match="exceeds the model's context"):
+        LLM(tiny_llama, max_model_len=100_000)
+
+
+def test_tampered_artifact_is_refused(artifacts, tmp_path):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifacts["w8-ch"], art)
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (art / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InferkitError, match="config.json does not match its manifest hash"):
+        LLM(art)
+    LLM(art, verify_hashes=False)  # the user can opt out
