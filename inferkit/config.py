@@ -122,6 +122,62 @@ def matches(pattern: str, name: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class ServeTestConfig:
+    """``inferkit serve-test``: what to measure, the engine it runs, and the pass/fail thresholds."""
+
+    # Quality: perplexity on a text and greedy agreement with a reference model.
+    text: str | None = None  # a text file; None: the built-in calibration set's held-out split
+    windows: int = 8
+    window_size: int = 512
+    reference: str | None = None  # None: the artifact's own weights dequantized, run by transformers
+    agreement_prompts: int = 8
+    agreement_tokens: int = 32
+    # Load test.
+    num_requests: int = 64
+    prompt_len: tuple[int, int] = (32, 256)
+    output_len: tuple[int, int] = (16, 128)
+    request_rate: float | None = None  # requests per second, Poisson arrivals; None: all at once
+    seed: int = 0
+    # Engine.
+    kv_cache_gb: float = 1.0
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"
+    # Thresholds; None: reported, not checked.
+    min_agreement: float | None = 0.95
+    max_ppl_increase: float | None = 1.0  # percent over the reference
+    min_throughput: float | None = None  # generated tokens per second
+    max_ttft_p99_ms: float | None = None
+    max_itl_p99_ms: float | None = None
+    min_kv_utilisation: float | None = None
+    max_peak_rss_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "output_len"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise InferkitError(f"serve_test.{name} must be [min, max] with 1 <= min <= max, got {list(lo_hi)}")
+            object.__setattr__(self, name, (int(lo_hi[0]), int(lo_hi[1])))
+        for name in ("windows", "window_size", "agreement_prompts", "agreement_tokens", "num_requests"):
+            if getattr(self, name) < 1:
+                raise InferkitError(f"serve_test.{name} must be at least 1, got {getattr(self, name)}")
+        if self.window_size < 2:
+            raise InferkitError("serve_test.window_size must be at least 2")
+        if self.request_rate is not None and self.request_rate <= 0:
+            raise InferkitError(f"serve_test.request_rate must be positive, got {self.request_rate}")
+
+    def engine_options(self) -> dict:
+        keys = ("kv_cache_gb", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                "max_model_len", "enable_prefix_caching", "device", "dtype")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass(frozen=True, slots=True)
 class Recipe:
     name: str = "custom"
     description: str = ""
@@ -129,11 +185,14 @@ class Recipe:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sensitivity: ScanConfig = field(default_factory=ScanConfig)
+    serve_test: ServeTestConfig = field(default_factory=ServeTestConfig)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["quantize"]["ignore"] = list(self.quantize.ignore)
         data["sensitivity"]["formats"] = list(self.sensitivity.formats)
+        for key in ("prompt_len", "output_len"):
+            data["serve_test"][key] = list(data["serve_test"][key])
         return data
 
 
@@ -172,13 +231,35 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     sens = _section(data, "sensitivity", where)
     if "formats" in sens:
         sens["formats"] = tuple(sens["formats"] or ())
+    serve = _section(data, "serve_test", where)
+    for key in ("prompt_len", "output_len"):
+        if key in serve:
+            serve[key] = _range(serve[key], f"{where}.serve_test.{key}")
     base = _build(Recipe, data, where)
     return dataclasses.replace(
         base,
         quantize=_build(QuantizeConfig, quant, f"{where}.quantize"),
         calibration=_build(CalibrationConfig, calib, f"{where}.calibration"),
         sensitivity=_build(ScanConfig, sens, f"{where}.sensitivity"),
+        serve_test=_build(ServeTestConfig, serve, f"{where}.serve_test"),
     )
+
+
+def _range(value, where: str) -> tuple[int, int]:
+    """``[lo, hi]``, ``"lo:hi"`` or one number → (lo, hi)."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, str):
+        parts = value.split(":")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            nums = []
+        if len(nums) in (1, 2):
+            return nums[0], nums[-1]
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value[0], value[1]
+    raise InferkitError(f"{where} must be MIN:MAX, [MIN, MAX] or one number, got {value!r}")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -193,7 +274,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def with_overrides(recipe: Recipe, quantize: dict | None = None, calibration: dict | None = None,
-                   sensitivity: dict | None = None) -> Recipe:
+                   sensitivity: dict | None = None, serve_test: dict | None = None) -> Recipe:
     """Apply command-line flags (None values are 'not given') on top of a recipe."""
     q = {k: v for k, v in (quantize or {}).items() if v is not None}
     if q.get("group_size") == 0:  # 0 on the command line means per-channel
@@ -202,9 +283,11 @@ def with_overrides(recipe: Recipe, quantize: dict | None = None, calibration: di
         q["group_size"] = None  # --bits 8 alone means the usual per-channel INT8
     c = {k: v for k, v in (calibration or {}).items() if v is not None}
     s = {k: v for k, v in (sensitivity or {}).items() if v is not None}
+    t = {k: v for k, v in (serve_test or {}).items() if v is not None}
     return dataclasses.replace(
         recipe,
         quantize=dataclasses.replace(recipe.quantize, **q),
         calibration=dataclasses.replace(recipe.calibration, **c),
         sensitivity=dataclasses.replace(recipe.sensitivity, **s),
+        serve_test=dataclasses.replace(recipe.serve_test, **t),
     )

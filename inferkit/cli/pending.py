@@ -9,7 +9,6 @@ from inferkit.cli.ui import EXIT_NOT_BUILT, err_console
 PENDING = {
     "distill": "Train a small draft model on the teacher's tokens (--teacher T --student S).",
     "pack": "Assemble the final artifact folder with manifest, reports and draft.",
-    "serve-test": "Load the artifact into the bundled runtime and validate quality, speed and memory.",
     "run": "Run the whole pipeline from a recipe (recipes/X.yaml).",
     "verify": "Re-hash an artifact against its manifest.",
 }

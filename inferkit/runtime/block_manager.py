@@ -44,6 +44,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash → block id
         self.num_hits = 0  # prefix-cache hits, in blocks
         self.num_queries = 0
+        self.num_stored_tokens = 0  # computed slots in blocks in use
 
     @property
     def num_blocks(self) -> int:
@@ -98,6 +99,7 @@ class BlockManager:
     def _share(self, block: Block) -> None:
         if block.ref_count == 0:
             del self.free_ids[block.block_id]
+            self.num_stored_tokens += block.num_tokens
         block.ref_count += 1
 
     def can_allocate(self, seq: Sequence) -> bool:
@@ -134,6 +136,7 @@ class BlockManager:
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self.free_ids[block_id] = None
+                self.num_stored_tokens -= block.num_tokens
         seq.block_table = []
 
     def commit(self, seq: Sequence) -> None:
@@ -145,7 +148,9 @@ class BlockManager:
             filled = min(bs, seq.num_computed_tokens - i * bs)
             if filled <= 0:
                 break
-            block.num_tokens = max(block.num_tokens, filled)
+            if filled > block.num_tokens:
+                self.num_stored_tokens += filled - block.num_tokens
+                block.num_tokens = filled
             if filled == bs and self.enable_prefix_caching:
                 if block.hash is None:
                     block.tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -158,8 +163,7 @@ class BlockManager:
     # -- accounting ---------------------------------------------------------------------------
     def usage(self) -> tuple[int, int]:
         """(blocks in use, token slots in them holding computed K/V)."""
-        used = [b for b in self.blocks if b.ref_count > 0]
-        return len(used), sum(b.num_tokens for b in used)
+        return self.num_blocks - len(self.free_ids), self.num_stored_tokens
 
     def check_invariants(self, seqs: list[Sequence]) -> None:
         """Reference counts equal the block tables' claims; free blocks are exactly the unclaimed."""
@@ -172,3 +176,4 @@ class BlockManager:
             assert (block.ref_count == 0) == (block.block_id in self.free_ids), f"block {block.block_id} free-list mismatch"
         for h, block_id in self.cached.items():
             assert self.blocks[block_id].hash == h
+        assert self.num_stored_tokens == sum(b.num_tokens for b in self.blocks if b.ref_count > 0)

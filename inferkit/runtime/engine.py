@@ -127,13 +127,14 @@ class LLMEngine:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise InferkitError("no request fits in the KV pool")  # guarded by the pool-size check
             return []
+        blocks_used = self.block_manager.usage()[0]
         next_tokens = self.runner.run(batch)
         now = time.perf_counter()
         for item in batch:
             if item.samples:
                 item.seq.token_times.append(now)
         finished = self.scheduler.postprocess(batch, next_tokens, self._finish_reason)
-        self.stats.record(self, batch)
+        self.stats.record(self, batch, blocks_used)
         return finished
 
     def _finish_reason(self, seq: Sequence) -> str | None:
@@ -203,21 +204,26 @@ class EngineStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     peak_blocks_used: int = 0
-    util_tokens: int = 0  # sums over steps, for the time-averaged KV utilisation
+    # Sums over steps, for time-averaged KV utilisation: tokens stored, slots of the blocks
+    # in use, and slots a contiguous cache reserving max_model_len per sequence would hold.
+    util_tokens: int = 0
     util_slots: int = 0
+    contiguous_slots: int = 0
 
-    def record(self, engine: LLMEngine, batch: list[ScheduledSeq]) -> None:
+    def record(self, engine: LLMEngine, batch: list[ScheduledSeq], blocks_used: int) -> None:
+        """``blocks_used``: after scheduling, the step's peak; utilisation is taken after
+        postprocess, when the step's tokens are stored and finished sequences gone."""
         self.steps += 1
         for item in batch:
             if item.num_tokens == 1 and item.start >= item.seq.num_prompt_tokens:
                 self.decode_tokens += 1
             else:
                 self.prefill_tokens += item.num_tokens
+        self.peak_blocks_used = max(self.peak_blocks_used, blocks_used)
         used, stored = engine.block_manager.usage()
-        # Measured after postprocess: finished sequences' blocks are already free.
-        self.peak_blocks_used = max(self.peak_blocks_used, used)
         self.util_tokens += stored
         self.util_slots += used * engine.block_manager.block_size
+        self.contiguous_slots += len(engine.scheduler.running) * engine.max_model_len
 
     @property
     def kv_utilisation(self) -> float:

@@ -133,6 +133,13 @@ class RuntimeModel:
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
 
+    def nbytes(self) -> int:
+        """Bytes of weights held (packed where quantized)."""
+        total = sum(lin.nbytes() for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        total += sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.input_norm, layer.post_norm))
+        total += self.lm_head.nbytes() + self.norm.numel() * self.norm.element_size()
+        return total + (self.embed.numel() * self.embed.element_size() if self.embed is not None else 0)
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
             return self.embed[ids]
