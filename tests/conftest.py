@@ -60,6 +60,12 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **override
     return folder
 
 
+@pytest.fixture()
+def tiny_model_factory(tmp_path):
+    """``make(name, arch="llama", **config_overrides)`` → a fresh tiny model folder."""
+    return lambda name, arch="llama", **kw: make_tiny_model(tmp_path / name, arch, **kw)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")

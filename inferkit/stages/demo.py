@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from inferkit.config import QuantizeConfig, Recipe
+from inferkit.config import QuantizeConfig, Recipe, ServeTestConfig
 from inferkit.data.calibration import CalibrationConfig, load_documents, render
 from inferkit.eval import EvalWindows, evaluate, text_windows
 from inferkit.models import load_model
@@ -23,6 +23,12 @@ W4A16_G64 = Recipe(
     quantize=QuantizeConfig(method="gptq", bits=4, group_size=64, symmetric=False, actorder=True, scale_search=True),
     calibration=CalibrationConfig(source="builtin", num_samples=128, seq_len=512),
 )
+
+
+# A short serve-test (about half a minute on 2 cores): the runtime against the artifact's own
+# weights in transformers, and a 16-request load test.
+DEMO_SERVE_TEST = ServeTestConfig(windows=2, agreement_prompts=4, agreement_tokens=16, num_requests=16,
+                                  prompt_len=(32, 128), output_len=(32, 64), max_model_len=1024, kv_cache_gb=0.25)
 
 
 def folder_mb(path: Path, pattern: str) -> float:
@@ -53,6 +59,23 @@ def run_demo(out: Path, overwrite: bool, num_samples: int, log: Callable[[str], 
          "weights_mb": round(folder_mb(artifact, "*.safetensors"), 1), "perplexity": q_eval["perplexity"],
          "kl_divergence": q_eval["kl_divergence"], "top1_agreement": q_eval["top1_agreement"]},
     ]
+    del fp
+    log("serve-test: loading the artifact into inferkit's runtime")
+    serve = run_demo_serve_test(artifact, out / "serve-test", overwrite, progress)
     return {"model": str(model_dir), "artifact": str(artifact), "eval_tokens": fp_eval["tokens"],
-            "quantize_timings_s": result.seconds, "rows": rows,
+            "quantize_timings_s": result.seconds, "rows": rows, "serve_test": serve,
             "total_seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_demo_serve_test(artifact: Path, out: Path, overwrite: bool, progress=None) -> dict:
+    import json
+
+    from inferkit.artifacts import atomic_output_dir, write_json
+    from inferkit.stages.serve_test import junit_xml, run_serve_test
+
+    report, checks = run_serve_test(artifact, DEMO_SERVE_TEST,
+                                    progress=(lambda stage, d, t: progress(d, t, stage)) if progress else None)
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_json(tmp / "report.json", json.loads(json.dumps(report, default=str)))
+        (tmp / "junit.xml").write_text(junit_xml(report, checks))
+    return report

@@ -227,3 +227,18 @@ def test_tampered_artifact_is_refused(artifacts, tmp_path):
     with pytest.raises(InferkitError, match="config.json does not match its manifest hash"):
         LLM(art)
     LLM(art, verify_hashes=False)  # the user can opt out
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32},
+], ids=["llama3", "linear", "yarn"])
+def test_rope_scaling_matches_transformers(tiny_model_factory, rope):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_factory("m", rope_scaling=rope)
+    ids = list(range(3, 200))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
+    assert torch.allclose(LLM(folder).score(ids), ref, atol=1e-4)
