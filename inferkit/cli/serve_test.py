@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,10 +48,10 @@ def serve_test(
     load: Annotated[bool, typer.Option("--load/--no-load", help="Run the load test.")] = True,
 ) -> None:
     """Load the artifact into the bundled runtime; measure quality, speed and memory; exit 1 if a threshold fails."""
-    from inferkit.artifacts import atomic_output_dir, check_output_dir, write_json
+    from inferkit.artifacts import check_output_dir
     from inferkit.config import Recipe, _range, load_recipe, with_overrides
     from inferkit.models.demo import resolve_model_arg
-    from inferkit.stages.serve_test import junit_xml, run_serve_test
+    from inferkit.stages.serve_test import run_serve_test, write_reports
 
     base = load_recipe(recipe) if recipe else Recipe()
     flags = dict(reference=reference, text=str(text) if text else None, windows=windows, window_size=window_size,
@@ -73,9 +72,7 @@ def serve_test(
     with progress_bar("serve-test") as update:
         report, checks = run_serve_test(path, cfg, quality=quality, load=load,
                                         progress=lambda stage, d, t: update(d, t, stage))
-    with atomic_output_dir(out, overwrite) as tmp:
-        write_json(tmp / "report.json", json.loads(json.dumps(report, default=str)))
-        (tmp / "junit.xml").write_text(junit_xml(report, checks))
+    write_reports(out, report, checks, overwrite)
     _print_summary(report, checks)
     console.print(f"report: {out}/report.json, {out}/junit.xml", highlight=False)
     if not report["passed"]:

@@ -19,7 +19,7 @@ from inferkit.runtime.model import ModelSpec, RuntimeModel, read_formats
 from inferkit.runtime.model_runner import ModelRunner
 from inferkit.runtime.sampling_params import SamplingParams
 from inferkit.runtime.scheduler import ScheduledSeq, Scheduler
-from inferkit.runtime.sequence import Sequence, Status
+from inferkit.runtime.sequence import Sequence
 from inferkit.runtime.weights import verify_manifest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +46,9 @@ class LLMEngine:
         from transformers import AutoConfig, AutoTokenizer
 
         folder = Path(path).expanduser()
+        if folder.suffix == ".gguf":
+            raise InferkitError(f"{folder}: the runtime reads safetensors folders, not GGUF files; "
+                                "convert it first (e.g. inferkit quantize FILE.gguf -o OUT)")
         if not (folder / "config.json").is_file():
             raise InferkitError(f"{folder} is not a model folder (no config.json)")
         if config.verify_hashes:

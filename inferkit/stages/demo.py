@@ -68,14 +68,9 @@ def run_demo(out: Path, overwrite: bool, num_samples: int, log: Callable[[str], 
 
 
 def run_demo_serve_test(artifact: Path, out: Path, overwrite: bool, progress=None) -> dict:
-    import json
-
-    from inferkit.artifacts import atomic_output_dir, write_json
-    from inferkit.stages.serve_test import junit_xml, run_serve_test
+    from inferkit.stages.serve_test import run_serve_test, write_reports
 
     report, checks = run_serve_test(artifact, DEMO_SERVE_TEST,
                                     progress=(lambda stage, d, t: progress(d, t, stage)) if progress else None)
-    with atomic_output_dir(out, overwrite) as tmp:
-        write_json(tmp / "report.json", json.loads(json.dumps(report, default=str)))
-        (tmp / "junit.xml").write_text(junit_xml(report, checks))
+    write_reports(out, report, checks, overwrite)
     return report

@@ -294,3 +294,14 @@ def run_serve_test(model_path: str | Path, cfg: ServeTestConfig, quality: bool =
               "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
               "device": cfg.device, "torch": torch.__version__, "threads": torch.get_num_threads()}
     return report, checks
+
+
+def write_reports(out: Path, report: dict, checks: list[Check], overwrite: bool) -> None:
+    """``out/report.json`` and ``out/junit.xml``, the folder created atomically."""
+    import json
+
+    from inferkit.artifacts import atomic_output_dir, write_json
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_json(tmp / "report.json", json.loads(json.dumps(report, default=str)))
+        (tmp / "junit.xml").write_text(junit_xml(report, checks))
