@@ -17,7 +17,7 @@ def demo(
     num_samples: Annotated[int, typer.Option(help="Calibration windows of 512 tokens.")] = 128,
     overwrite: o.OverwriteOpt = False,
 ) -> None:
-    """Fetch the demo model, quantize it W4A16 with GPTQ, and compare it with full precision."""
+    """Fetch the demo model, quantize it W4A16 with GPTQ, compare it with full precision, serve-test it."""
     from inferkit.artifacts import check_output_dir
     from inferkit.stages.demo import run_demo
 

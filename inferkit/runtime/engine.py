@@ -91,7 +91,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.cache)
         self.spec = spec
         self._ids = itertools.count()
-        self.seqs: dict[int, Sequence] = {}
         self.stats = EngineStats()
 
     # -- requests -----------------------------------------------------------------------------
@@ -115,7 +114,6 @@ class LLMEngine:
                                 f"{self.max_model_len}, which leaves no room to generate")
         seq = Sequence(next(self._ids), ids, params)
         seq.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
-        self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
 
@@ -283,7 +281,6 @@ class LLM:
                 i = index[seq.seq_id]
                 outputs[i] = engine.output(seq, prompts[i] if isinstance(prompts[i], str) else None)
                 done += 1
-                engine.seqs.pop(seq.seq_id, None)
                 if progress:
                     progress(done, len(index))
         return outputs  # type: ignore[return-value]

@@ -125,8 +125,6 @@ def run_load_test(llm, tokens: list[int], cfg: ServeTestConfig, progress: Progre
     st = engine.stats
     bm = engine.block_manager
     queries = bm.num_queries - stats0[2]
-    for s in seqs:
-        engine.seqs.pop(s.seq_id, None)
     return {
         "requests": len(workload),
         "failed_requests": len(errors) + sum(1 for s in seqs if s.finish_reason not in ("length", "stop")),

@@ -32,6 +32,18 @@ def test_recipe_files():
         mixed = load_recipe(RECIPES / f"mixed-{bpw}bpw.yaml")
         assert (mixed.quantize.target_bpw, mixed.quantize.scale_dtype) == (bpw, "float16")
         assert mixed.sensitivity.mode == "block" and "int3-g64" in mixed.sensitivity.formats
+    serve = load_recipe(RECIPES / "mixed-4.5bpw.yaml").serve_test
+    assert (serve.min_agreement, serve.min_kv_utilisation, serve.prompt_len) == (0.98, 0.85, (32, 256))
+
+
+def test_serve_test_section_errors(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("serve_test:\n  min_agreemnt: 0.9\n")
+    with pytest.raises(InferkitError, match="unknown key r.yaml.serve_test.min_agreemnt"):
+        load_recipe(bad)
+    bad.write_text("serve_test:\n  output_len: [9, 3]\n")
+    with pytest.raises(InferkitError, match="output_len"):
+        load_recipe(bad)
 
 
 def test_demo_uses_the_w4a16_g64_recipe():
