@@ -112,3 +112,13 @@ def test_tampered_artifact_and_existing_output(artifact, tmp_path):
     (tmp_path / "exists").mkdir()
     code, output = invoke(artifact, "-o", tmp_path / "exists", *SMALL)
     assert code == 1 and "--overwrite" in output
+
+
+def test_plain_folder_against_another_reference(tiny_llama, tiny_llama_other, tmp_path):
+    """A reference that is another model: the runtime's tokens no longer agree, and the check says so."""
+    code, output = invoke(tiny_llama, "-o", tmp_path / "same", *SMALL, "--no-load")
+    assert code == 0, output
+    code, output = invoke(tiny_llama, "-o", tmp_path / "other", *SMALL, "--no-load", "--reference", tiny_llama_other)
+    assert code == 1 and "agreement" in output
+    report = json.loads((tmp_path / "other" / "report.json").read_text())
+    assert report["quality"]["reference"] == str(tiny_llama_other) and report["quality"]["agreement"] < 0.5
