@@ -148,6 +148,9 @@ class ServeTestConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: str = "float32"
+    # Speculative decoding: a draft model folder, and draft tokens per step.
+    draft: str | None = None
+    num_speculative_tokens: int = 4
     # Thresholds; None: reported, not checked.
     min_agreement: float | None = 0.95
     max_ppl_increase: float | None = 1.0  # percent over the reference
@@ -174,7 +177,10 @@ class ServeTestConfig:
     def engine_options(self) -> dict:
         keys = ("kv_cache_gb", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "enable_prefix_caching", "device", "dtype")
-        return {k: getattr(self, k) for k in keys}
+        options = {k: getattr(self, k) for k in keys}
+        if self.draft:
+            options.update(draft=self.draft, num_speculative_tokens=self.num_speculative_tokens)
+        return options
 
 
 @dataclass(frozen=True, slots=True)

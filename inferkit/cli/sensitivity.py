@@ -60,8 +60,6 @@ def sensitivity_scan(
 
 def sensitivity_table(scan: dict, top: int):
     """The units that suffer most at their fewest-bit format, with their cost at every format."""
-    from inferkit.report.heatmap import _bits_key
-
     fmts = [f for f in scan["formats"] if any(f in row for row in scan["costs"].values())]
     units = sorted(scan["units"], key=lambda u: -max(scan["costs"][u["name"]].values()))[:top]
     rows = [[_short(u["name"]), *[_fmt(scan["costs"][u["name"]].get(f)) for f in fmts]] for u in units]

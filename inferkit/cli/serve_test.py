@@ -37,6 +37,8 @@ def serve_test(
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length served (default: the model's).")] = None,
     prefix_caching: Annotated[Optional[bool], typer.Option("--prefix-caching/--no-prefix-caching", help="Share KV blocks of common prompt prefixes.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
+    draft: Annotated[Optional[Path], typer.Option(help="Draft model folder: serve with speculative decoding and measure it.")] = None,
+    num_speculative_tokens: Annotated[Optional[int], typer.Option(help="Draft tokens proposed per step.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Fail below this greedy agreement with the reference (0-1).")] = None,
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="Fail above this perplexity increase over the reference (%).")] = None,
     min_throughput: Annotated[Optional[float], typer.Option(help="Fail below this many generated tokens/s under load.")] = None,
@@ -59,6 +61,7 @@ def serve_test(
                  num_kv_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                  enable_prefix_caching=prefix_caching, device=device, min_agreement=min_agreement,
+                 draft=str(draft) if draft else None, num_speculative_tokens=num_speculative_tokens,
                  max_ppl_increase=max_ppl_increase, min_throughput=min_throughput, max_ttft_p99_ms=max_ttft_p99_ms,
                  max_itl_p99_ms=max_itl_p99_ms, min_kv_utilisation=min_kv_utilisation, max_peak_rss_mb=max_peak_rss_mb,
                  prompt_len=_range(prompt_len, "--prompt-len") if prompt_len else None,
@@ -99,6 +102,13 @@ def _print_summary(report: dict, checks) -> None:
                  ["peak KV blocks (of pool)", f"{ld['peak_kv_blocks_used']} of {ld['kv_blocks']} ({ld['peak_kv_mb']:.0f} MB)"],
                  ["KV utilisation (contiguous would be)", f"{ld['kv_utilisation']:.3f} ({ld['contiguous_utilisation']:.3f})"]]
     rows += [["peak RSS MB", mem["peak_rss_mb"]], ["weights MB (packed)", mem["weights_mb"]]]
+    sp = report.get("speculative")
+    if sp:
+        rows += [["draft acceptance (by position)", f"{sp['acceptance_rate']:.3f} ("
+                  + ", ".join(f"{a:.2f}" for a in sp["acceptance_by_position"]) + ")"],
+                 ["tokens per speculative step", sp["tokens_per_step"]],
+                 ["speedup batch 1 / batched", f"{sp['speedup_batch1']:.2f}x / {sp['speedup_batched']:.2f}x"],
+                 ["greedy output equals plain", sp["greedy_equal_plain"]]]
     console.print(table(f"serve-test {report['model']}", ["metric", "value"], rows))
     if checks:
         console.print(table("checks", ["check", "value", "threshold", "result"],

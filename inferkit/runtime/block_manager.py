@@ -116,16 +116,18 @@ class BlockManager:
         for block in hits:
             self._share(block)
         seq.block_table = [b.block_id for b in hits]
-        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        # Committed blocks hold the draft model's K/V too (see ``commit``'s limit).
+        seq.num_cached_tokens = seq.num_computed_tokens = seq.num_draft_computed = len(hits) * self.block_size
         for _ in range(self.blocks_for(len(seq)) - len(hits)):
             seq.block_table.append(self._take_free().block_id)
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_for(len(seq)) - len(seq.block_table) <= self.num_free_blocks
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        return self.blocks_for(len(seq) + lookahead) - len(seq.block_table) <= self.num_free_blocks
 
-    def append_slots(self, seq: Sequence) -> None:
-        """Blocks for tokens appended since allocation (one per ``block_size`` decoded tokens)."""
-        for _ in range(self.blocks_for(len(seq)) - len(seq.block_table)):
+    def append_slots(self, seq: Sequence, lookahead: int = 0) -> None:
+        """Blocks for tokens appended since allocation (one per ``block_size`` decoded tokens),
+        plus ``lookahead`` slots past the end for speculative tokens."""
+        for _ in range(self.blocks_for(len(seq) + lookahead) - len(seq.block_table)):
             seq.block_table.append(self._take_free().block_id)
 
     def free(self, seq: Sequence) -> None:
@@ -139,13 +141,15 @@ class BlockManager:
                 self.num_stored_tokens -= block.num_tokens
         seq.block_table = []
 
-    def commit(self, seq: Sequence) -> None:
-        """Record computed slots, and hash blocks that became full so later requests can share them."""
+    def commit(self, seq: Sequence, limit: int | None = None) -> None:
+        """Record computed slots, and hash blocks that became full so later requests can share
+        them. ``limit``: with a draft model, only slots both models have computed count."""
         bs = self.block_size
+        computed = seq.num_computed_tokens if limit is None else min(limit, seq.num_computed_tokens)
         parent, parent_hash = -1, 0
         for i, block_id in enumerate(seq.block_table):
             block = self.blocks[block_id]
-            filled = min(bs, seq.num_computed_tokens - i * bs)
+            filled = min(bs, computed - i * bs)
             if filled <= 0:
                 break
             if filled > block.num_tokens:

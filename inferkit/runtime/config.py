@@ -23,6 +23,8 @@ class EngineConfig:
     linear_backend: str = "auto"  # auto: torch; reference: dequantize the packed words every call
     num_threads: int | None = None  # torch intra-op threads on CPU; None: leave as is
     verify_hashes: bool = True  # check the artifact's files against its manifest on load
+    draft: str | None = None  # a draft model folder: speculative decoding
+    num_speculative_tokens: int = 4  # draft tokens proposed per step (with a draft)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -39,6 +41,8 @@ class EngineConfig:
             raise InferkitError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InferkitError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
+            raise InferkitError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise InferkitError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
 

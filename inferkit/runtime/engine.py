@@ -20,6 +20,7 @@ from inferkit.runtime.model_runner import ModelRunner
 from inferkit.runtime.sampling_params import SamplingParams
 from inferkit.runtime.scheduler import ScheduledSeq, Scheduler
 from inferkit.runtime.sequence import Sequence
+from inferkit.runtime.speculative import SpeculativeRunner
 from inferkit.runtime.weights import verify_manifest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,7 +75,11 @@ class LLMEngine:
                                   backend, self.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.eos_ids = _eos_ids(folder, hf_config, self.tokenizer)
+        self.draft = self._load_draft(config, spec, backend) if config.draft else None
         block_bytes = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+        if self.draft is not None:
+            d = self.draft.spec
+            block_bytes += KVCache.bytes_per_block(d.num_layers, config.block_size, d.num_kv_heads, d.head_dim, self.dtype)
         num_blocks = config.num_kv_blocks or int(config.kv_cache_gb * 2**30 // block_bytes)
         needed = -(-self.max_model_len // config.block_size)
         if num_blocks < needed:
@@ -87,11 +92,42 @@ class LLMEngine:
         self.cache = KVCache(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads, spec.head_dim,
                              self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        k = config.num_speculative_tokens if self.draft is not None else 0
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, k,
+                                   self.max_model_len)
         self.runner = ModelRunner(self.model, self.cache)
+        self.spec_runner = None
+        if self.draft is not None:
+            d = self.draft.spec
+            draft_cache = KVCache(d.num_layers, num_blocks, config.block_size, d.num_kv_heads, d.head_dim,
+                                  self.dtype, self.device)
+            self.spec_runner = SpeculativeRunner(self.runner, ModelRunner(self.draft, draft_cache))
         self.spec = spec
         self._ids = itertools.count()
         self.stats = EngineStats()
+
+    def _load_draft(self, config: EngineConfig, spec: ModelSpec, backend: str) -> RuntimeModel:
+        from transformers import AutoConfig, AutoTokenizer
+
+        folder = Path(config.draft).expanduser()
+        if not (folder / "config.json").is_file():
+            raise InferkitError(f"draft {folder} is not a model folder (no config.json)")
+        if config.verify_hashes:
+            verify_manifest(folder)
+        draft_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        draft_spec = ModelSpec.from_config(draft_config)
+        if draft_spec.vocab_size != spec.vocab_size:
+            raise InferkitError(f"the draft's vocabulary has {draft_spec.vocab_size} tokens, the model's "
+                                f"{spec.vocab_size}: a draft must share the model's tokenizer")
+        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            if AutoTokenizer.from_pretrained(folder).get_vocab() != self.tokenizer.get_vocab():
+                raise InferkitError(f"the draft's tokenizer ({folder}) differs from the model's: same vocabulary "
+                                    "size, other tokens")
+        if draft_spec.max_position_embeddings < self.max_model_len:
+            raise InferkitError(f"the draft's context ({draft_spec.max_position_embeddings}) is shorter than "
+                                f"max_model_len {self.max_model_len}")
+        return RuntimeModel(folder, draft_config, draft_spec, read_formats(folder), self.dtype, self.device,
+                            backend, self.max_model_len)
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -129,12 +165,14 @@ class LLMEngine:
                 raise InferkitError("no request fits in the KV pool")  # guarded by the pool-size check
             return []
         blocks_used = self.block_manager.usage()[0]
-        next_tokens = self.runner.run(batch)
+        next_tokens = (self.spec_runner or self.runner).run(batch)
         now = time.perf_counter()
         for item in batch:
             if item.samples:
-                item.seq.token_times.append(now)
+                item.seq.token_times.extend([now] * len(next_tokens[item.seq.seq_id]))
         finished = self.scheduler.postprocess(batch, next_tokens, self._finish_reason)
+        for item in batch:  # a stop inside accepted drafts drops the tokens after it
+            del item.seq.token_times[item.seq.num_output_tokens:]
         self.stats.record(self, batch, blocks_used)
         return finished
 

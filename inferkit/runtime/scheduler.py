@@ -21,6 +21,7 @@ from inferkit.runtime.sequence import Sequence, Status
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens computed this step
+    num_spec: int = 0  # draft tokens to propose and verify after it (a decode, speculative mode)
     start: int = -1  # position of the first of them (the sequence's computed count when scheduled)
     samples: bool = False  # the chunk reaches the sequence's end: a next token is sampled from it
 
@@ -30,8 +31,14 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_speculative_tokens: int = 0, max_model_len: int | None = None) -> None:
         self.block_manager = block_manager
+        # Speculative decoding: a decode may verify up to this many draft tokens, which need
+        # KV slots (and token budget) beyond the sequence's end.
+        self.num_speculative_tokens = num_speculative_tokens
+        self.has_draft = num_speculative_tokens > 0
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -51,7 +58,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            while not self.block_manager.can_append(seq):
+            spec = self._num_spec(seq)
+            while not self.block_manager.can_append(seq, spec):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -59,10 +67,11 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 break
-            self.block_manager.append_slots(seq)
+            self.block_manager.append_slots(seq, spec)
             n = min(seq.num_uncomputed_tokens, budget)
-            batch.append(ScheduledSeq(seq, n))
-            budget -= n
+            spec = min(spec, budget - n)
+            batch.append(ScheduledSeq(seq, n, spec))
+            budget -= n + spec
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
@@ -77,31 +86,44 @@ class Scheduler:
             budget -= n
         return batch
 
+    def _num_spec(self, seq: Sequence) -> int:
+        """Draft tokens worth proposing for a decoding ``seq``: none while it prefills, and never
+        past its max_tokens or the context."""
+        if not self.has_draft or seq.num_uncomputed_tokens != 1:
+            return 0
+        room = seq.params.max_tokens - seq.num_output_tokens - 1
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - len(seq) - 1)
+        return max(0, min(self.num_speculative_tokens, room))
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = Status.WAITING
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: list[ScheduledSeq], next_tokens: dict[int, int],
+    def postprocess(self, batch: list[ScheduledSeq], next_tokens: dict[int, list[int]],
                     finish_reason: Callable[[Sequence], str | None]) -> list[Sequence]:
-        """Advance each sequence by its computed tokens, append sampled tokens, retire finished
-        sequences (returned) and free their blocks."""
+        """Advance each sequence by its computed tokens, append its new tokens (several when
+        speculative drafts were accepted) until a stop condition, retire finished sequences
+        (returned) and free their blocks."""
         finished = []
         for item in batch:
             seq = item.seq
             seq.num_computed_tokens += item.num_tokens
-            self.block_manager.commit(seq)
+            self.block_manager.commit(seq, limit=seq.num_draft_computed if self.has_draft else None)
             if seq.num_computed_tokens < len(seq):
                 continue
-            seq.token_ids.append(next_tokens[seq.seq_id])
-            reason = finish_reason(seq)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
+            for token in next_tokens[seq.seq_id]:
+                seq.token_ids.append(token)
+                reason = finish_reason(seq)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                    break
         return finished
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -26,6 +26,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of those, found in the prefix cache at admission
+    num_draft_computed: int = 0  # tokens whose K/V are in the draft model's cache
     finish_reason: str | None = None  # "length", "stop", "eos", "error"
     stop_text_len: int | None = None  # where a stop string cut the text
     error: str | None = None

@@ -226,6 +226,46 @@ def run_quality(llm, folder: Path, tokens: list[int], cfg: ServeTestConfig, prog
     }
 
 
+# -- speculative decoding -----------------------------------------------------------------------
+def run_speculative(llm, folder: Path, tokens: list[int], cfg: ServeTestConfig, progress: Progress | None = None) -> dict:
+    """Greedy generation with and without the draft on the same prompts: equal tokens expected;
+    acceptance per draft position, tokens per step, and the speedup at batch 1 and batched."""
+    from inferkit.runtime import LLM, SamplingParams
+    from inferkit.runtime.speculative import SpecStats
+
+    options = {k: v for k, v in cfg.engine_options().items() if k not in ("draft", "num_speculative_tokens")}
+    plain = LLM(folder, **options)
+    n = cfg.agreement_tokens * 2
+    plen = 64
+    starts = [(i * 997) % (len(tokens) - plen) for i in range(cfg.agreement_prompts)]
+    prompts = [tokens[s:s + plen] for s in starts]
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    results: dict = {"draft": cfg.draft, "num_speculative_tokens": cfg.num_speculative_tokens,
+                     "prompts": len(prompts), "new_tokens": n}
+    outs = {}
+    for name, engine in (("plain", plain), ("speculative", llm)):
+        engine.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        if engine.engine.spec_runner is not None:
+            engine.engine.spec_runner.stats = SpecStats()
+        start = time.perf_counter()
+        single = [engine.generate([p], params)[0].token_ids for p in prompts]
+        t1 = time.perf_counter() - start
+        start = time.perf_counter()
+        batched = [o.token_ids for o in engine.generate(prompts, params)]
+        tb = time.perf_counter() - start
+        outs[name] = (single, batched)
+        results[f"{name}_batch1_tok_s"] = len(prompts) * n / t1
+        results[f"{name}_batched_tok_s"] = len(prompts) * n / tb
+        if progress:
+            progress("speculative", 2 if name == "speculative" else 1, 2)
+    results.update(llm.engine.spec_runner.stats.summary())
+    results["speedup_batch1"] = results["speculative_batch1_tok_s"] / results["plain_batch1_tok_s"]
+    results["speedup_batched"] = results["speculative_batched_tok_s"] / results["plain_batched_tok_s"]
+    results["greedy_equal_plain"] = outs["speculative"] == outs["plain"]
+    del plain
+    return results
+
+
 # -- verdicts and reports ---------------------------------------------------------------------
 THRESHOLDS = {  # config field → (metric section, metric, at_least)
     "min_agreement": ("quality", "agreement", True),
@@ -242,6 +282,8 @@ def make_checks(cfg: ServeTestConfig, results: dict) -> list[Check]:
     checks = []
     if "load" in results:
         checks.append(Check("failed_requests", results["load"]["failed_requests"], 0, at_least=False))
+    if "speculative" in results:  # greedy speculative decoding must reproduce plain decoding
+        checks.append(Check("speculative_greedy_equal_plain", float(results["speculative"]["greedy_equal_plain"]), 1.0, True))
     for field, (section, metric, at_least) in THRESHOLDS.items():
         threshold = getattr(cfg, field)
         if threshold is not None and section in results:
@@ -254,7 +296,7 @@ def junit_xml(report: dict, checks: list[Check]) -> str:
                        failures=str(sum(not c.passed for c in checks)), errors="0",
                        time=f"{report['duration_s']:.3f}")
     props = ET.SubElement(suite, "properties")
-    for section in ("quality", "load", "memory"):
+    for section in ("quality", "load", "memory", "speculative"):
         for key, value in report.get(section, {}).items():
             if isinstance(value, (int, float, str)):
                 ET.SubElement(props, "property", name=f"{section}.{key}", value=str(value))
@@ -286,6 +328,8 @@ def run_serve_test(model_path: str | Path, cfg: ServeTestConfig, quality: bool =
     }
     if quality:
         results["quality"] = run_quality(llm, folder, tokens, cfg, progress)
+    if cfg.draft:
+        results["speculative"] = run_speculative(llm, folder, tokens, cfg, progress)
     checks = make_checks(cfg, results)
     report = {"model": str(folder), "passed": all(c.passed for c in checks), "duration_s": time.perf_counter() - t0,
               **results, "checks": [dict(asdict(c), passed=c.passed) for c in checks],

@@ -17,7 +17,7 @@ def next_token(seq: Sequence) -> int:
 
 def run_step(sched: Scheduler, max_new: int):
     batch = sched.schedule()
-    tokens = {item.seq.seq_id: next_token(item.seq) for item in batch if item.samples}
+    tokens = {item.seq.seq_id: [next_token(item.seq)] for item in batch if item.samples}
     done = sched.postprocess(batch, tokens, lambda s: "length" if s.num_output_tokens >= max_new else None)
     sched.block_manager.check_invariants(sched.running)
     return batch, done

@@ -122,3 +122,15 @@ def test_plain_folder_against_another_reference(tiny_llama, tiny_llama_other, tm
     assert code == 1 and "agreement" in output
     report = json.loads((tmp_path / "other" / "report.json").read_text())
     assert report["quality"]["reference"] == str(tiny_llama_other) and report["quality"]["agreement"] < 0.5
+
+
+def test_speculative_serve_test_reports_acceptance(artifact, tmp_path):
+    """The artifact as its own draft: every draft accepted, the same greedy tokens."""
+    out = tmp_path / "st"
+    code, output = invoke(artifact, "-o", out, *SMALL, "--no-quality", "--draft", artifact, "--num-speculative-tokens", 3)
+    assert code == 0, output
+    sp = json.loads((out / "report.json").read_text())["speculative"]
+    assert sp["greedy_equal_plain"] and sp["acceptance_rate"] == 1.0 and sp["acceptance_by_position"] == [1.0, 1.0, 1.0]
+    assert sp["tokens_per_step"] > 3.5
+    suite = ET.parse(out / "junit.xml").getroot()
+    assert "speculative_greedy_equal_plain" in [c.get("name") for c in suite.iter("testcase")]
