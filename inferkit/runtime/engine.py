@@ -173,6 +173,7 @@ class LLMEngine:
         finished = self.scheduler.postprocess(batch, next_tokens, self._finish_reason)
         for item in batch:  # a stop inside accepted drafts drops the tokens after it
             del item.seq.token_times[item.seq.num_output_tokens:]
+            del item.seq.logprobs[item.seq.num_output_tokens:]
         self.stats.record(self, batch, blocks_used)
         return finished
 

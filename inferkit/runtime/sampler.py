@@ -36,11 +36,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             probs = filtered_probs(logits[i], p.temperature, p.top_k, p.top_p)
             token = int(torch.multinomial(probs, 1, generator=seq.generator))
         if p.logprobs is not None:
-            logp = torch.log_softmax(logits[i], dim=-1)
-            entry = {token: float(logp[token])}
-            if p.logprobs:
-                top = torch.topk(logp, p.logprobs)
-                entry.update(zip(top.indices.tolist(), top.values.tolist()))
-            seq.logprobs.append(entry)
+            seq.logprobs.append(logprob_entry(logits[i], token, p.logprobs))
         tokens.append(token)
     return tokens
+
+
+def logprob_entry(logits: torch.Tensor, token: int, top_n: int) -> dict[int, float]:
+    """The chosen token's log-probability and the top ``top_n``, from the model's raw logits [V]."""
+    logp = torch.log_softmax(logits, dim=-1)
+    entry = {token: float(logp[token])}
+    if top_n:
+        top = torch.topk(logp, top_n)
+        entry.update(zip(top.indices.tolist(), top.values.tolist()))
+    return entry

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferkit.runtime.model_runner import Chunk, ModelRunner
-from inferkit.runtime.sampler import filtered_probs, sample
+from inferkit.runtime.sampler import filtered_probs, logprob_entry, sample
 from inferkit.runtime.scheduler import ScheduledSeq
 from inferkit.runtime.sequence import Sequence
 
@@ -155,11 +155,5 @@ class SpeculativeRunner:
             probs = torch.stack([filtered_probs(row, p.temperature, p.top_k, p.top_p) for row in logits])
         tokens = accept_or_resample(probs, q, drafts, seq.generator, p.greedy)
         if p.logprobs is not None:
-            logp = torch.log_softmax(logits, dim=-1)
-            for i, token in enumerate(tokens):
-                entry = {token: float(logp[i, token])}
-                if p.logprobs:
-                    top = torch.topk(logp[i], p.logprobs)
-                    entry.update(zip(top.indices.tolist(), top.values.tolist()))
-                seq.logprobs.append(entry)
+            seq.logprobs += [logprob_entry(logits[i], token, p.logprobs) for i, token in enumerate(tokens)]
         return tokens

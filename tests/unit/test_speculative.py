@@ -62,9 +62,9 @@ def test_stop_inside_accepted_drafts_ends_there(tiny_llama):
     free = LLM(tiny_llama).generate([PROMPTS[2]], GREEDY)[0].token_ids
     stop = free[6]
     llm = LLM(tiny_llama, draft=str(tiny_llama), num_speculative_tokens=4)
-    out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop]))[0]
+    out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop], logprobs=0))[0]
     assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
-    assert len(out.token_times) == len(out.token_ids)
+    assert len(out.token_times) == len(out.token_ids) == len(out.logprobs)
 
 
 def test_accept_or_resample_rules():
@@ -171,3 +171,12 @@ def test_student_cut_from_the_teacher(tiny_model_factory, tmp_path):
     assert torch.equal(s.model.embed_tokens.weight, t.model.embed_tokens.weight)
     llm = LLM(teacher, draft=str(student), num_speculative_tokens=2)  # usable as a draft as is
     assert len(llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8))[0].token_ids) >= 1
+
+
+def test_speculative_logprobs_match_plain(tiny_llama, near_draft):
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True)
+    plain = LLM(tiny_llama).generate([PROMPTS[0]], params)[0]
+    spec = LLM(tiny_llama, draft=str(near_draft), num_speculative_tokens=3).generate([PROMPTS[0]], params)[0]
+    assert spec.token_ids == plain.token_ids and len(spec.logprobs) == 12
+    for a, b in zip(spec.logprobs, plain.logprobs):
+        assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
