@@ -242,6 +242,10 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     if before:
         log(f"acceptance before: {before['acceptance_rate']:.3f}")
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for _ in range(start_step * cfg.grad_accum):  # a resumed run draws the batches it would have drawn
+        torch.randint(0, len(samples), (cfg.batch_size,), generator=gen)
+        if cfg.on_policy > 0:
+            torch.rand((), generator=gen)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     model.train()
     t0, tokens_seen = time.perf_counter(), 0
