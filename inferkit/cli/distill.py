@@ -36,11 +36,10 @@ def distill(
     resume: Annotated[Optional[Path], typer.Option(help="Continue from a checkpoint folder of the same run.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data and initialisation.")] = 0,
-    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts for the acceptance rate before and after (0: skip).")] = 8,
+    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts (built-in held-out text) for the acceptance before and after (0: skip).")] = 8,
     overwrite: o.OverwriteOpt = False,
 ) -> None:
     """Train a small draft model on the teacher's next-token distributions, for speculative decoding."""
-    from inferkit.data.calibration import CalibrationConfig, build_samples
     from inferkit.models.demo import resolve_model_arg
     from inferkit.stages.distill import DistillConfig, run_distill
 
@@ -50,17 +49,9 @@ def distill(
                         train_embeddings=train_embeddings, dtype=dtype, checkpoint_every=checkpoint_every,
                         max_minutes=max_minutes)
     teacher_path = resolve_model_arg(teacher, log=console.print)
-    heldout = None
-    if eval_prompts:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(teacher_path)
-        held = build_samples(CalibrationConfig(source="builtin", split="heldout", num_samples=eval_prompts, seq_len=48,
-                                               seed=seed + 7), tok)
-        heldout = held.tolist()
     with progress_bar("distilling") as update:
         report = run_distill(teacher_path, out, cfg, str(student) if student else None, student_layers, resume,
-                             overwrite, heldout, log=console.print, progress=update)
+                             overwrite, eval_prompts, log=console.print, progress=update)
     rows = [["steps", report["steps_done"]], ["seconds", report["seconds"]], ["tokens", report["tokens"]],
             ["final loss", report["loss_curve"][-1]["loss"] if report["loss_curve"] else None]]
     for name in ("before", "after"):

@@ -164,8 +164,10 @@ def _load_optimizer_state(opt, params, tensors: dict) -> None:
 
 def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None = None,
                 student_layers: int | None = None, resume: Path | None = None, overwrite: bool = False,
-                heldout: list[list[int]] | None = None, log=lambda msg: None, progress=None) -> dict:
-    """Train a draft on the teacher's next-token distributions; write an HF folder + distill.json."""
+                eval_prompts: int = 0, log=lambda msg: None, progress=None) -> dict:
+    """Train a draft on the teacher's next-token distributions; write an HF folder + distill.json.
+    ``eval_prompts``: held-out prompts (the built-in held-out split, 48 tokens each) on which the
+    greedy acceptance at k=4 is measured before and after."""
     import time
 
     import torch
@@ -238,6 +240,10 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     else:
         cached = None
     cache_seconds = time.perf_counter() - t_cache
+    heldout = None
+    if eval_prompts:
+        heldout = build_samples(CalibrationConfig(source="builtin", split="heldout", num_samples=eval_prompts,
+                                                  seq_len=48, seed=cfg.seed + 7), tok).tolist()
     before = acceptance_rate(teacher_loaded.source.folder, init, heldout) if heldout else None
     if before:
         log(f"acceptance before: {before['acceptance_rate']:.3f}")

@@ -104,3 +104,21 @@ def test_on_policy_steps_use_the_students_continuations(tiny_model_factory, tmp_
                          student_layers=2)
     assert len(generated) == 12 and all(s == (4, 32) for s in generated)
     assert all(c["loss"] == c["loss"] for c in report["loss_curve"])  # finite, not NaN
+
+
+def test_cli_runs_and_errors_are_one_line(tiny_model_factory, tmp_path):
+    from typer.testing import CliRunner
+
+    from inferkit.cli.main import app
+
+    teacher = tiny_model_factory("t", num_hidden_layers=4)
+    run = lambda *a: CliRunner().invoke(app, ["distill", *map(str, a)])  # noqa: E731
+    result = run("--teacher", tmp_path / "missing", "--student-layers", 2, "-o", tmp_path / "x")
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+    result = run("--teacher", teacher, "--student-layers", 2, "-o", tmp_path / "d", "--steps", 4, "--num-samples", 8,
+                 "--seq-len", 32, "--calibration", "seed", "--eval-prompts", 2)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d" / "distill.json").read_text())
+    assert report["steps_done"] == 4 and report["acceptance_before"]["speculative_steps"] > 0
+    result = run("--teacher", teacher, "--student-layers", 2, "-o", tmp_path / "d", "--steps", 4)
+    assert result.exit_code == 1 and "--overwrite" in result.output
