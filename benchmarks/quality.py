@@ -19,7 +19,6 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

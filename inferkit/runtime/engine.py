@@ -208,7 +208,7 @@ class LLMEngine:
         if seq.stop_text_len is not None:
             text = text[: seq.stop_text_len]
         return RequestOutput(seq.seq_id, prompt, seq.token_ids[: seq.num_prompt_tokens], list(ids), text,
-                             seq.finish_reason, seq.error, seq.logprobs if seq.params.logprobs is not None else None,
+                             seq.finish_reason, None, seq.logprobs if seq.params.logprobs is not None else None,
                              seq.num_cached_tokens, seq.num_preemptions, seq.arrival_time, list(seq.token_times))
 
     # -- scoring --------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class LLMEngine:
             chunks = []
             while seq.num_computed_tokens < len(seq):
                 n = min(self.config.max_num_batched_tokens, len(seq) - seq.num_computed_tokens)
-                chunks.append(self.runner.logits([ScheduledSeq(seq, n)]).float().cpu())
+                chunks.append(self.runner.logits([ScheduledSeq(seq, n)]))
                 seq.num_computed_tokens += n
             return torch.cat(chunks)
         finally:
@@ -241,8 +241,6 @@ class EngineStats:
     """Counters over the engine's life: steps, tokens, KV use."""
 
     steps: int = 0
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
     peak_blocks_used: int = 0
     # Sums over steps, for time-averaged KV utilisation: tokens stored, slots of the blocks
     # in use, and slots a contiguous cache reserving max_model_len per sequence would hold.
@@ -254,11 +252,6 @@ class EngineStats:
         """``blocks_used``: after scheduling, the step's peak; utilisation is taken after
         postprocess, when the step's tokens are stored and finished sequences gone."""
         self.steps += 1
-        for item in batch:
-            if item.num_tokens == 1 and item.start >= item.seq.num_prompt_tokens:
-                self.decode_tokens += 1
-            else:
-                self.prefill_tokens += item.num_tokens
         self.peak_blocks_used = max(self.peak_blocks_used, blocks_used)
         used, stored = engine.block_manager.usage()
         self.util_tokens += stored

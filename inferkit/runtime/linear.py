@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from inferkit.quant import compressed
-from inferkit.quant.pack import unpack_int32
 from inferkit.quant.scheme import QuantFormat
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -147,12 +146,3 @@ class ConcatLinear:
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self.parts)
 
-
-def codes_of(tensors: dict[str, torch.Tensor], fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(int8 codes [out, in], scales [out, groups], int8 zero points or None) of a packed layer."""
-    out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
-    codes = unpack_int32(tensors["weight_packed"], fmt.bits, in_features, dim=1)
-    zero = None
-    if "weight_zero_point" in tensors:
-        zero = unpack_int32(tensors["weight_zero_point"], fmt.bits, out_features, dim=0)
-    return codes, tensors["weight_scale"], zero

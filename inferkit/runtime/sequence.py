@@ -29,7 +29,6 @@ class Sequence:
     num_draft_computed: int = 0  # tokens whose K/V are in the draft model's cache
     finish_reason: str | None = None  # "length", "stop", "eos", "error"
     stop_text_len: int | None = None  # where a stop string cut the text
-    error: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     generator: torch.Generator | None = None
     num_preemptions: int = 0

@@ -10,7 +10,8 @@ import torch
 
 from inferkit.errors import InferkitError
 from inferkit.quant.scheme import QuantFormat
-from inferkit.runtime.linear import ConcatLinear, DenseLinear, QuantLinear, ReferenceQuantLinear, codes_of
+from inferkit.quant import compressed
+from inferkit.runtime.linear import ConcatLinear, DenseLinear, QuantLinear, ReferenceQuantLinear
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -98,9 +99,10 @@ class LinearLoader:
             return parts[0] if len(parts) == 1 else ConcatLinear(parts)
         if all(packed) and len(fmts) == 1:
             fmt = fmts.pop()
-            codes, scales, zeros = zip(*(codes_of(self._tensors(n), fmt) for n in names))
-            zero = torch.cat(zeros) if zeros[0] is not None else None
-            layer = QuantLinear(torch.cat(codes), torch.cat(scales), zero, fmt, self.dtype, self._cat_bias(names))
+            parts = [compressed.decompress(self._tensors(n), fmt) for n in names]
+            zero = torch.cat([p.zero_point for p in parts]) if parts[0].zero_point is not None else None
+            layer = QuantLinear(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, fmt,
+                                self.dtype, self._cat_bias(names))
             return _to(layer, self.device)
         return ConcatLinear([self.load([n]) for n in names])
 

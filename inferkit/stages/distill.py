@@ -168,6 +168,7 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     """Train a draft on the teacher's next-token distributions; write an HF folder + distill.json.
     ``eval_prompts``: held-out prompts (the built-in held-out split, 48 tokens each) on which the
     greedy acceptance at k=4 is measured before and after."""
+    import shutil
     import time
 
     import torch
@@ -191,8 +192,6 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
         if student_layers is not None:
             build_student(teacher, student_layers, init)
         else:
-            import shutil
-
             shutil.copytree(Path(student).expanduser(), init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     if model.config.vocab_size != teacher_model.config.vocab_size:
@@ -321,7 +320,5 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
               "acceptance_before": before, "acceptance_after": after}
     write_json(final / "distill.json", report)
     move_into_place(final, out)
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)  # checkpoints and the teacher cache: the run is complete
     return report

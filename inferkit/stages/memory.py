@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import resource
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 
 @lru_cache(maxsize=1)
@@ -28,3 +30,15 @@ def trim_heap() -> bool:
     """
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB. Linux's VmHWM belongs to the address
+    space, so unlike ``ru_maxrss`` it does not inherit a parent's peak across fork/exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -3,7 +3,6 @@ the compressed-tensors artifact."""
 
 from __future__ import annotations
 
-import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from inferkit.quant.rtn import QuantizedWeight, quantize_weight_rtn
 from inferkit.quant.scheme import QuantFormat
 from inferkit.stages import layerwise
 from inferkit.stages.artifact import write_quantized_artifact
-from inferkit.stages.memory import trim_heap
+from inferkit.stages.memory import peak_rss_mb, trim_heap
 from inferkit.stages.plan import load_scan, make_plan, plan_layer_formats
 from inferkit.stages.sensitivity import HEATMAP, SCAN_FILE, model_fingerprint, run_scan
 from inferkit.stages.stats import load_layer_stats
@@ -192,18 +191,6 @@ def _plan_summary(plan: dict | None) -> dict | None:
         return None
     keys = ("target", "bits_per_weight", "predicted_cost", "cost", "bits_counted", "scan", "format_counts", "units")
     return {k: plan[k] for k in keys if k in plan}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB. Linux's VmHWM belongs to the address
-    space, so unlike ``ru_maxrss`` it does not inherit a parent's peak across fork/exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _mixed_plan(model_path: str, recipe: Recipe, plan: dict | None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch
 
 from inferkit.config import ServeTestConfig
 from inferkit.errors import InferkitError
+from inferkit.stages.memory import peak_rss_mb
 
 Progress = Callable[[str, int, int], None]
 
@@ -49,10 +49,6 @@ def percentile(values: list[float], q: float) -> float:
     pos = (len(xs) - 1) * q / 100
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def text_tokens(tokenizer, cfg: ServeTestConfig) -> list[int]:
@@ -234,7 +230,7 @@ def run_speculative(llm, folder: Path, tokens: list[int], cfg: ServeTestConfig, 
     from inferkit.runtime.speculative import SpecStats
 
     options = {k: v for k, v in cfg.engine_options().items() if k not in ("draft", "num_speculative_tokens")}
-    plain = LLM(folder, **options)
+    plain = LLM(folder, verify_hashes=False, **options)  # the engine under test already checked the files
     n = cfg.agreement_tokens * 2
     plen = 64
     starts = [(i * 997) % (len(tokens) - plen) for i in range(cfg.agreement_prompts)]
