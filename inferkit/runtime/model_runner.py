@@ -12,6 +12,9 @@ from inferkit.runtime.sampler import sample
 from inferkit.runtime.scheduler import ScheduledSeq
 
 
+SHORT_CHUNK = 8  # chunks up to this many tokens (after a cached prefix) take the decode path
+
+
 @dataclass(slots=True)
 class Chunk:
     """Tokens ``start .. start+num_tokens-1`` of ``seq`` to compute, and which logits to keep."""
@@ -27,10 +30,15 @@ class Chunk:
 
 
 class ModelRunner:
-    def __init__(self, model: RuntimeModel, cache: KVCache) -> None:
+    def __init__(self, model: RuntimeModel, cache: KVCache, attention_backend: str = "torch",
+                 cuda_graphs: bool = False, max_model_len: int = 0, max_graph_batch: int = 0) -> None:
         self.model, self.cache = model, cache
         self.block_size = cache.block_size
         self.device = model.device
+        self.triton = attention_backend == "triton"
+        self.graphs = None
+        if cuda_graphs and self.triton and self.device.type == "cuda" and max_graph_batch > 0:
+            self.graphs = DecodeGraphs(self, max_model_len, max_graph_batch)
 
     def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat token ids, positions, attention metadata, and the rows whose logits are kept."""
@@ -44,10 +52,13 @@ class ModelRunner:
             for p in range(start, start + n):
                 positions.append(p)
                 slots.append(seq.block_table[p // bs] * bs + p % bs)
-            if n == 1:
-                decode_rows.append(row)
-                decode_tables.append(seq.block_table[: (start + bs) // bs])
-                decode_lens.append(start + 1)
+            if n <= SHORT_CHUNK and (n == 1 or start > 0):
+                # Each token attends as a decode row over positions 0..p: one batched attention
+                # call for a speculative verify (k+1 tokens) instead of a masked prefill.
+                for p in range(start, start + n):
+                    decode_rows.append(row + p - start)
+                    decode_tables.append(seq.block_table[: (p + bs) // bs])
+                    decode_lens.append(p + 1)
             else:
                 table = torch.tensor(seq.block_table[: -(-(start + n) // bs)], dtype=torch.int64, device=self.device)
                 prefills.append(PrefillChunk(row, n, start, table))
@@ -55,8 +66,17 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
             elif item.logits == "all":
                 sample_rows.extend(range(row, row + n))
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=self.device), prefills=prefills)
-        if decode_rows:
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=self.device), prefills=prefills,
+                                 triton=self.triton)
+        if decode_rows and self.triton:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
+            meta.decode_tables = torch.tensor(padded, dtype=torch.int32, device=self.device)
+            meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int32, device=self.device)
+            meta.max_decode_len = max(decode_lens)
+            meta.all_decode = len(decode_rows) == len(ids)
+        elif decode_rows:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
@@ -69,6 +89,8 @@ class ModelRunner:
 
     def compute(self, chunks: list[Chunk]) -> torch.Tensor:
         """Run the chunks; logits (float32, on the CPU) of the rows they asked for, in order."""
+        if self.graphs is not None and self.graphs.fits(chunks):
+            return self.graphs.run(chunks)
         ids, positions, meta, rows = self.prepare(chunks)
         logits = self.model.forward(ids, positions, meta, self.cache,
                                     torch.tensor(rows, dtype=torch.int64, device=self.device))
@@ -86,3 +108,77 @@ class ModelRunner:
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Logits of every computed token [T, V] (scoring; nothing is sampled)."""
         return self.compute([Chunk(item.seq, item.start, item.num_tokens, "all") for item in batch])
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode-only steps (one token per sequence), captured per padded batch size
+    (1, 2, 4, 8, then multiples of 16) on first use, then replayed: one launch instead of a few
+    hundred. Inputs live in static buffers; padding rows write no K/V (slot -1) and read the
+    pool's zero block. The attention kernel's split count is fixed by ``max_model_len``."""
+
+    def __init__(self, runner: ModelRunner, max_model_len: int, max_batch: int) -> None:
+        self.runner, self.max_len = runner, max_model_len
+        self.sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch + 16, 16))
+        self.sizes = sorted({min(b, max_batch) for b in self.sizes} | {max_batch})
+        self.max_batch = max_batch
+        dev = runner.device
+        width = -(-max_model_len // runner.block_size)
+        self.zero_block = runner.cache.zero_slot // runner.block_size
+        self.ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.slots = torch.full((max_batch,), -1, dtype=torch.int64, device=dev)
+        self.tables = torch.full((max_batch, width), self.zero_block, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def fits(self, chunks: list[Chunk]) -> bool:
+        return 0 < len(chunks) <= self.max_batch and all(c.num_tokens == 1 and c.logits == "last" for c in chunks)
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(self.slots[:size], all_decode=True, triton=True, decode_tables=self.tables[:size],
+                                 decode_lens=self.lens[:size], max_decode_len=self.max_len)
+
+    def _capture(self, size: int) -> None:
+        model, cache = self.runner.model, self.runner.cache
+        args = (self.ids[:size], self.positions[:size], self._meta(size), cache, None)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compile the kernels and settle the allocator first
+            for _ in range(2):
+                model.forward(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = model.forward(*args)
+        self.pool = graph.pool()
+        self.graphs[size] = (graph, logits)
+
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        n = len(chunks)
+        size = next(b for b in self.sizes if b >= n)
+        if size not in self.graphs:
+            self.slots.fill_(-1)  # capture runs must not write the cache
+            self.tables.fill_(self.zero_block)
+            self.lens.fill_(1)
+            self._capture(size)
+        bs = self.runner.block_size
+        ids, positions, slots, lens = [], [], [], []
+        table = torch.full((size, self.tables.shape[1]), self.zero_block, dtype=torch.int32)
+        for i, c in enumerate(chunks):
+            seq, p = c.seq, c.start
+            ids.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            blocks = seq.block_table[: p // bs + 1]
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        pad = size - n
+        self.ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.lens[:size].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        self.tables[:size].copy_(table, non_blocking=True)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:n].float().cpu()
