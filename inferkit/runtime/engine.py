@@ -20,7 +20,7 @@ from inferkit.runtime.model_runner import ModelRunner
 from inferkit.runtime.sampling_params import SamplingParams
 from inferkit.runtime.scheduler import ScheduledSeq, Scheduler
 from inferkit.runtime.sequence import Sequence
-from inferkit.runtime.speculative import SpeculativeRunner
+from inferkit.runtime.speculative import SpeculativeRunner, read_draft_vocab
 from inferkit.runtime.weights import verify_manifest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,7 +70,8 @@ class LLMEngine:
         if self.max_model_len > spec.max_position_embeddings:
             raise InferkitError(f"max_model_len {self.max_model_len} exceeds the model's context of "
                                 f"{spec.max_position_embeddings} tokens")
-        backend = "torch" if config.linear_backend == "auto" else config.linear_backend
+        backend, attention_backend = config.backends()
+        self.backends = {"linear": backend, "attention": attention_backend}
         self.model = RuntimeModel(folder, hf_config, spec, read_formats(folder), self.dtype, self.device,
                                   backend, self.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -95,13 +96,15 @@ class LLMEngine:
         k = config.num_speculative_tokens if self.draft is not None else 0
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, k,
                                    self.max_model_len)
-        self.runner = ModelRunner(self.model, self.cache)
+        graphs = dict(attention_backend=attention_backend, cuda_graphs=config.cuda_graphs,
+                      max_model_len=self.max_model_len, max_graph_batch=min(config.max_num_seqs, 128))
+        self.runner = ModelRunner(self.model, self.cache, **graphs)
         self.spec_runner = None
         if self.draft is not None:
             d = self.draft.spec
             draft_cache = KVCache(d.num_layers, num_blocks, config.block_size, d.num_kv_heads, d.head_dim,
                                   self.dtype, self.device)
-            self.spec_runner = SpeculativeRunner(self.runner, ModelRunner(self.draft, draft_cache))
+            self.spec_runner = SpeculativeRunner(self.runner, ModelRunner(self.draft, draft_cache, **graphs))
         self.spec = spec
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -127,7 +130,7 @@ class LLMEngine:
             raise InferkitError(f"the draft's context ({draft_spec.max_position_embeddings}) is shorter than "
                                 f"max_model_len {self.max_model_len}")
         return RuntimeModel(folder, draft_config, draft_spec, read_formats(folder), self.dtype, self.device,
-                            backend, self.max_model_len)
+                            backend, self.max_model_len, head_ids=read_draft_vocab(folder, spec.vocab_size))
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

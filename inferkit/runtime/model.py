@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from inferkit.errors import InferkitError
 from inferkit.runtime.attention import AttentionMetadata, KVCache, paged_attention
+from inferkit.runtime.linear import DenseLinear
 from inferkit.runtime.weights import Checkpoint, LinearLoader
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -96,7 +97,9 @@ class Layer:
 
 class RuntimeModel:
     def __init__(self, folder: Path, hf_config, spec: ModelSpec, formats: dict, dtype: torch.dtype,
-                 device: torch.device, backend: str, max_len: int) -> None:
+                 device: torch.device, backend: str, max_len: int, head_ids: torch.Tensor | None = None) -> None:
+        """``head_ids``: a draft's reduced vocabulary (target token ids, ascending); the output
+        head keeps only those rows and logits come out over them, the embeddings stay whole."""
         self.spec, self.dtype, self.device = spec, dtype, device
         ckpt = Checkpoint(folder)
         lin = LinearLoader(ckpt, formats, dtype, device, backend)
@@ -125,6 +128,14 @@ class RuntimeModel:
             self.embed = None
         else:
             raise InferkitError("the checkpoint has no lm_head.weight and the config does not tie embeddings")
+        self.head_ids = None
+        if head_ids is not None:
+            if not isinstance(self.lm_head, DenseLinear):
+                raise InferkitError("a reduced draft vocabulary needs an unquantized output head")
+            if self.embed is None:
+                self.embed = self.lm_head.weight
+            self.head_ids = head_ids.to(device)
+            self.lm_head = DenseLinear(self.lm_head.weight[self.head_ids])
         cos, sin = rope_tables(hf_config, max_len, spec.head_dim)
         half = spec.head_dim // 2
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
@@ -139,6 +150,10 @@ class RuntimeModel:
         total += sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.input_norm, layer.post_norm))
         total += self.lm_head.nbytes() + self.norm.numel() * self.norm.element_size()
         return total + (self.embed.numel() * self.embed.element_size() if self.embed is not None else 0)
+
+    @property
+    def num_logits(self) -> int:
+        return self.lm_head.out_features
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
@@ -168,7 +183,7 @@ class RuntimeModel:
             qkv = layer.qkv(x).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
             qk = apply_rope(qkv[:, : s.num_heads + s.num_kv_heads], cos, sin)  # q and k heads at once
             q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
-            cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping)
+            cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping, meta.triton)
             o = paged_attention(q, cache, i, meta, self.scale)
             h.add_(layer.o(o.reshape(-1, self.q_size)))
             x = rms_norm(h, layer.post_norm, s.rms_norm_eps)

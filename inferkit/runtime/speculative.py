@@ -10,13 +10,39 @@ back by moving each model's computed-token count back; their slots are overwritt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from inferkit.errors import InferkitError
 from inferkit.runtime.model_runner import Chunk, ModelRunner
 from inferkit.runtime.sampler import filtered_probs, logprob_entry, sample
 from inferkit.runtime.scheduler import ScheduledSeq
 from inferkit.runtime.sequence import Sequence
+
+
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
+
+
+def read_draft_vocab(folder: Path, vocab_size: int) -> torch.Tensor | None:
+    """A draft's reduced vocabulary: ``d2t`` [N], the target token id of each draft logit
+    (strictly ascending), stored beside the draft as ``draft_vocab.safetensors``; None if absent."""
+    path = Path(folder) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        d2t = load_file(str(path)).get("d2t")
+    except Exception as err:  # a truncated or foreign file
+        raise InferkitError(f"{path} is not a readable draft vocabulary: {err}") from None
+    if d2t is None or d2t.dim() != 1 or d2t.dtype not in (torch.int32, torch.int64) or len(d2t) < 2:
+        raise InferkitError(f"{path} must hold 'd2t', a 1-D integer tensor of at least 2 target token ids")
+    d2t = d2t.long()
+    if int(d2t.min()) < 0 or int(d2t.max()) >= vocab_size or not bool((d2t[1:] > d2t[:-1]).all()):
+        raise InferkitError(f"{path}: token ids must be distinct, ascending and below the model's vocabulary "
+                            f"size {vocab_size}")
+    return d2t
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, drafts: list[int], generator: torch.Generator | None,
@@ -76,6 +102,8 @@ class SpeculativeRunner:
     def __init__(self, target: ModelRunner, draft: ModelRunner) -> None:
         self.target, self.draft = target, draft
         self.stats = SpecStats()
+        self.d2t = draft.model.head_ids.cpu() if draft.model.head_ids is not None else None
+        self.vocab_size = target.model.num_logits
 
     def run(self, batch: list[ScheduledSeq]) -> dict[int, list[int]]:
         spec = [item for item in batch if item.num_spec > 0]
@@ -134,16 +162,25 @@ class SpeculativeRunner:
         return out
 
     def _propose(self, items: list[ScheduledSeq], logits: torch.Tensor, q: dict) -> None:
-        """Sample one draft token per sequence from the draft's distribution (greedy: argmax)."""
+        """Sample one draft token per sequence from the draft's distribution (greedy: argmax).
+        With a reduced draft vocabulary the draft's choice is mapped to the target's id and its
+        distribution is zero outside the draft's tokens."""
         for i, item in enumerate(items):
             seq: Sequence = item.seq
             p = seq.params
             if p.greedy:
-                probs = torch.zeros_like(logits[i])
-                probs[int(logits[i].argmax())] = 1.0
+                choice = int(logits[i].argmax())
+                token = choice if self.d2t is None else int(self.d2t[choice])
+                probs = torch.zeros(self.vocab_size)
+                probs[token] = 1.0
             else:
                 probs = filtered_probs(logits[i], p.temperature, p.top_k, p.top_p)
-            token = int(probs.argmax()) if p.greedy else int(torch.multinomial(probs, 1, generator=seq.generator))
+                choice = int(torch.multinomial(probs, 1, generator=seq.generator))
+                if self.d2t is None:
+                    token = choice
+                else:
+                    token = int(self.d2t[choice])
+                    probs = torch.zeros(self.vocab_size).index_copy_(0, self.d2t, probs)
             q[seq.seq_id].append(probs)
             seq.token_ids.append(token)
 

@@ -180,3 +180,61 @@ def test_speculative_logprobs_match_plain(tiny_llama, near_draft):
     assert spec.token_ids == plain.token_ids and len(spec.logprobs) == 12
     for a, b in zip(spec.logprobs, plain.logprobs):
         assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
+def with_draft_vocab(draft, ids, out):
+    """A copy of ``draft`` whose head is cut to the target ids ``ids`` (draft_vocab.safetensors)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(draft, out)
+    save_file({"d2t": torch.as_tensor(ids, dtype=torch.int64)}, str(out / speculative.DRAFT_VOCAB_FILE))
+    return out
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_kv_blocks=9, block_size=8, max_model_len=64)],
+                         ids=["default", "preempting"])
+def test_reduced_draft_vocabulary_keeps_greedy_output(tiny_llama, near_draft, tmp_path, options):
+    prompts = [p for p in PROMPTS if len(p) + 24 <= options.get("max_model_len", 256)]
+    plain = [o.token_ids for o in LLM(tiny_llama, **options).generate(prompts, GREEDY)]
+    # The tokens the target actually writes, plus every third id: most drafts are possible.
+    kept = sorted(set(t for out in plain for t in out) | set(range(0, 384, 3)))
+    reduced = with_draft_vocab(near_draft, kept, tmp_path / "reduced")
+    llm = LLM(tiny_llama, draft=str(reduced), num_speculative_tokens=3, **options)
+    assert llm.engine.draft.lm_head.out_features == len(kept)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == plain
+    assert llm.engine.spec_runner.stats.summary()["acceptance_rate"] > 0.2
+    # A map keeping every id is the full head: the same drafts, the same statistics.
+    full = LLM(tiny_llama, draft=str(near_draft), num_speculative_tokens=3, **options)
+    every = LLM(tiny_llama, draft=str(with_draft_vocab(near_draft, range(384), tmp_path / "all")),
+                num_speculative_tokens=3, **options)
+    full.generate(prompts, GREEDY)
+    every.generate(prompts, GREEDY)
+    assert every.engine.spec_runner.stats.summary() == full.engine.spec_runner.stats.summary()
+
+
+def test_reduced_draft_vocabulary_keeps_the_target_distribution(tiny_model_factory, tmp_path):
+    target = tiny_model_factory("t", vocab_size=24)
+    draft = with_draft_vocab(tiny_model_factory("d", vocab_size=24, seed=5), sorted(list(range(0, 24, 2)) + [5, 7, 9]),
+                             tmp_path / "reduced")
+    pvalues, acceptance = speculative_pvalues(target, draft)
+    assert 0.1 < acceptance < 0.9
+    assert min(pvalues) > 1e-3
+
+
+def test_bad_draft_vocabulary_files(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    for name, tensors, msg in [("unsorted", {"d2t": torch.tensor([5, 3, 9])}, "distinct, ascending"),
+                               ("range", {"d2t": torch.tensor([1, 2, 384])}, "below the model's vocabulary size 384"),
+                               ("float", {"d2t": torch.tensor([1.0, 2.0])}, "1-D integer tensor"),
+                               ("missing", {"ids": torch.tensor([1, 2])}, "must hold 'd2t'")]:
+        folder = with_draft_vocab(tiny_llama, [0, 1], tmp_path / name)
+        save_file(tensors, str(folder / speculative.DRAFT_VOCAB_FILE))
+        with pytest.raises(InferkitError, match=msg):
+            LLM(tiny_llama, draft=str(folder))
+    folder = with_draft_vocab(tiny_llama, [0, 1], tmp_path / "garbage")
+    (folder / speculative.DRAFT_VOCAB_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(InferkitError, match="not a readable draft vocabulary"):
+        LLM(tiny_llama, draft=str(folder))
