@@ -3,6 +3,7 @@ speed against plain decoding at batch 1 and batch 8, greedy (output checked iden
 
     python benchmarks/speculative.py                      # draft: the teacher cut to 4 layers, untrained
     python benchmarks/speculative.py --draft DISTILLED/   # a distilled draft
+    python benchmarks/speculative.py --draft DISTILLED/ --restrict-vocab 8192   # same weights, reduced head
 
 Held-out prompts: WikiText-2 test. Results: benchmarks/results/speculative.json (merged per draft).
 """
@@ -31,6 +32,9 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--draft", type=Path, default=None)
     parser.add_argument("--student-layers", type=int, default=4)
+    parser.add_argument("--restrict-vocab", type=int, default=0,
+                        help="measure the draft with its head cut to the N most frequent tokens of WikiText-2 valid "
+                             "(an ablation of the reduced draft vocabulary on the same weights)")
     parser.add_argument("--k", default="2,4")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("/tmp/ik-spec"))
@@ -54,6 +58,21 @@ def main() -> None:
         if not draft.exists():
             build_student(model, args.student_layers, draft)
     tok = AutoTokenizer.from_pretrained(model)
+    if args.restrict_vocab:
+        import shutil
+
+        from safetensors.torch import save_file
+
+        from inferkit.runtime.speculative import DRAFT_VOCAB_FILE
+        from inferkit.stages.distill import select_draft_vocab
+
+        valid = tok((WIKITEXT.parent / "valid.txt").read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        counts = torch.bincount(torch.tensor(valid), minlength=len(tok))
+        cut = args.work / f"{draft.name}-vocab{args.restrict_vocab}"
+        shutil.rmtree(cut, ignore_errors=True)
+        shutil.copytree(draft, cut)
+        save_file({"d2t": select_draft_vocab(counts, args.restrict_vocab, [tok.eos_token_id])}, str(cut / DRAFT_VOCAB_FILE))
+        draft = cut
     ids = tok(WIKITEXT.read_text(encoding="utf-8")[:200_000], add_special_tokens=False)["input_ids"]
     prompts = [ids[7000 * i + 50: 7000 * i + 50 + 48] for i in range(8)]
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)

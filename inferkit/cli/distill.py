@@ -36,10 +36,18 @@ def distill(
     resume: Annotated[Optional[Path], typer.Option(help="Continue from a checkpoint folder of the same run.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data and initialisation.")] = 0,
-    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts (built-in held-out text) for the acceptance before and after (0: skip).")] = 8,
+    draft_vocab: Annotated[int, typer.Option(help="Give the draft a head over the N most frequent target tokens (0: the full vocabulary); the id map is stored beside the draft.")] = 0,
+    teacher_data: Annotated[float, typer.Option(help="Fraction of training windows whose last tokens the teacher writes (its own continuations).")] = 0.0,
+    teacher_data_tokens: Annotated[int, typer.Option(help="Tokens the teacher writes per such window.")] = 64,
+    teacher_data_temperature: Annotated[float, typer.Option(help="Sampling temperature of the teacher's continuations (0: greedy).")] = 0.0,
+    eval_prompts: Annotated[int, typer.Option(help="Held-out prompts for the acceptance before and after (0: skip).")] = 8,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Keep training windows and teacher logits here, reused by later runs with the same teacher and data.")] = None,
+    eval_data: Annotated[str, typer.Option(help="Where held-out prompts come from: 'builtin' (its held-out split) or a text file not used in training.")] = "builtin",
     overwrite: o.OverwriteOpt = False,
 ) -> None:
-    """Train a small draft model on the teacher's next-token distributions, for speculative decoding."""
+    """Train a small draft model on the teacher's next-token distributions, for speculative decoding.
+
+    Several processes: `accelerate launch --num_processes N -m inferkit distill ...`."""
     from inferkit.models.demo import resolve_model_arg
     from inferkit.stages.distill import DistillConfig, run_distill
 
@@ -47,11 +55,14 @@ def distill(
                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, seq_len=seq_len,
                         num_samples=num_samples, calibration=calibration, seed=seed, on_policy=on_policy,
                         train_embeddings=train_embeddings, dtype=dtype, checkpoint_every=checkpoint_every,
-                        max_minutes=max_minutes)
+                        max_minutes=max_minutes, draft_vocab=draft_vocab, teacher_data=teacher_data,
+                        teacher_data_tokens=teacher_data_tokens, teacher_data_temperature=teacher_data_temperature)
     teacher_path = resolve_model_arg(teacher, log=console.print)
     with progress_bar("distilling") as update:
         report = run_distill(teacher_path, out, cfg, str(student) if student else None, student_layers, resume,
-                             overwrite, eval_prompts, log=console.print, progress=update)
+                             overwrite, eval_prompts, eval_data, cache_dir, log=console.print, progress=update)
+    if not report:  # another process of an `accelerate launch` run: the first one reports
+        return
     rows = [["steps", report["steps_done"]], ["seconds", report["seconds"]], ["tokens", report["tokens"]],
             ["final loss", report["loss_curve"][-1]["loss"] if report["loss_curve"] else None]]
     for name in ("before", "after"):
