@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks, run on the lent GPU machine from the repo root (under 5 minutes):
+# GPU checks, run on the lent GPU machine from the repo root (about 5 minutes on an H100):
 #   benchmarks/gpu.sh --prepare   # here, once: wheels for pytest and the demo's config/tokenizer into .gpu/
-#   benchmarks/gpu.sh             # there: GPU tests, runtime tests, the runtime's GPU benchmark → $OUT
+#   benchmarks/gpu.sh             # there: kernel and runtime tests, kernel benchmarks, end-to-end decode → $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
@@ -13,6 +13,7 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 python -c "import pytest" 2>/dev/null || python -m pip install -q --no-index .gpu/wheels/*.whl
 # No package index there: install without build isolation, or map the package folders by hand.
 if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; then
@@ -22,6 +23,22 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-timeout 150 python -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_runtime.py tests/unit/test_block_manager.py \
-  tests/unit/test_scheduler.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-timeout 240 python benchmarks/gpu_runtime.py --config .gpu/demo --out "$OUT/gpu_runtime.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/gpu_runtime.log"
+PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone
+# 1. Tests: every kernel against its reference (compiled, not interpreted), the runtime on CUDA.
+if [[ $PARTS == *tests* ]]; then
+  xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"
+  tests="tests/unit/test_kernels.py tests/gpu"
+  [[ $PARTS == *cputests* ]] && tests="$tests tests/unit/test_runtime.py tests/unit/test_block_manager.py tests/unit/test_scheduler.py"
+  timeout 150 python -m pytest -q -p no:cacheprovider $xdist --tb=short $tests > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.txt" | tail -30
+fi
+# 2. Kernel benchmarks and end-to-end decode on a Llama-1B-shaped model.
+if [[ $PARTS == *kernels* ]]; then
+  timeout 220 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/gpu_kernels.log" | grep -v "^attention {\|^matmul {"
+fi
+# 3. The runtime on the demo's shape (fp32, bf16, W8, W4): the issue-4 benchmark, now on the Triton kernels.
+if [[ $PARTS == *runtime* ]]; then
+  timeout 150 python benchmarks/gpu_runtime.py --config .gpu/demo --out "$OUT/gpu_runtime.json" 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/gpu_runtime.log"
+fi

@@ -29,6 +29,11 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, S] visible tokens; None when all see S
     all_decode: bool = False  # every row is a decode, in order
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # The Triton decode kernel reads block tables directly instead of gathered slots:
+    triton: bool = False
+    decode_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    decode_lens: torch.Tensor | None = None  # [B] int32
+    max_decode_len: int = 0  # a bound on decode_lens, known without a device sync
 
 
 class KVCache:
@@ -48,8 +53,14 @@ class KVCache:
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+              triton: bool = False) -> None:
         kc, vc = self.k[layer], self.v[layer]
+        if triton:
+            from inferkit.kernels.kv_cache import store_kv
+
+            store_kv(k, v, kc, vc, slot_mapping)
+            return
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k)
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v)
 
@@ -57,12 +68,18 @@ class KVCache:
 def paged_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, num_heads, head_dim] (K/V of these tokens already stored) → [T, num_heads, head_dim]."""
     kc, vc = cache.k[layer], cache.v[layer]
+    if meta.triton:
+        from inferkit.kernels.paged_attention import paged_decode_attention
+
+        decode = lambda qd: paged_decode_attention(qd, kc, vc, meta.decode_tables, meta.decode_lens,  # noqa: E731
+                                                   scale, meta.max_decode_len)
+    else:
+        decode = lambda qd: decode_attention(qd, kc, vc, meta.decode_slots, meta.decode_mask, scale)  # noqa: E731
     if meta.all_decode:
-        return decode_attention(q, kc, vc, meta.decode_slots, meta.decode_mask, scale)
+        return decode(q)
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = decode_attention(q[meta.decode_rows], kc, vc, meta.decode_slots,
-                                                 meta.decode_mask, scale)
+        out[meta.decode_rows] = decode(q[meta.decode_rows])
     for chunk in meta.prefills:
         rows = slice(chunk.row, chunk.row + chunk.num_tokens)
         out[rows] = prefill_attention(q[rows], kc, vc, chunk.block_table, chunk.start, scale)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from inferkit.errors import InferkitError
 
-LINEAR_BACKENDS = ("auto", "torch", "reference")
+LINEAR_BACKENDS = ("auto", "torch", "reference", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(slots=True)
@@ -20,7 +21,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "float32"  # activations and unquantized weights: float32, bfloat16, float16
     device: str = "cpu"
-    linear_backend: str = "auto"  # auto: torch; reference: dequantize the packed words every call
+    linear_backend: str = "auto"  # auto: triton on CUDA, else torch; reference: unpack the stored words every call
+    attention_backend: str = "auto"  # auto: triton on CUDA, else torch (SDPA over gathered blocks)
+    cuda_graphs: bool = True  # on CUDA with the triton attention: replay captured decode steps
     num_threads: int | None = None  # torch intra-op threads on CPU; None: leave as is
     verify_hashes: bool = True  # check the artifact's files against its manifest on load
     draft: str | None = None  # a draft model folder: speculative decoding
@@ -45,6 +48,31 @@ class EngineConfig:
             raise InferkitError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise InferkitError(f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise InferkitError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                                f"got {self.attention_backend!r}")
+
+    def backends(self) -> tuple[str, str]:
+        """(linear, attention) backends for this device: auto means Triton on CUDA when Triton
+        imports, PyTorch elsewhere; Triton on a CPU runs only under TRITON_INTERPRET=1."""
+        import os
+
+        import torch
+
+        cuda = torch.device(self.device).type == "cuda"
+        triton_ok = _triton_available()
+        chosen = []
+        for name, value in (("linear_backend", self.linear_backend), ("attention_backend", self.attention_backend)):
+            if value == "auto":
+                value = "triton" if cuda and triton_ok else "torch"
+            elif value == "triton":
+                if not triton_ok:
+                    raise InferkitError(f"{name}=triton needs the triton package (pip install triton)")
+                if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                    raise InferkitError(f"{name}=triton needs a CUDA device (or TRITON_INTERPRET=1 to run "
+                                        "the kernels in Triton's CPU interpreter)")
+            chosen.append(value)
+        return chosen[0], chosen[1]
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":
@@ -53,3 +81,9 @@ class EngineConfig:
         if unknown:
             raise InferkitError(f"unknown engine option {unknown[0]!r}; known: {', '.join(sorted(known))}")
         return cls(**options)
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

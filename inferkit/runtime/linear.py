@@ -1,7 +1,7 @@
 """Linear layers over the artifact's weights: dense, and quantized ones that keep the weights
 packed (INT8 as int8, INT4 as two values per byte) and dequantize them for each call.
 
-Two backends behind one ``__call__(x)``:
+Three backends behind one ``__call__(x)``:
 
 - ``torch``: dequantized per call into a scratch buffer shared by all layers of a shape (it
   stays in the CPU's cache), then one matmul; per-channel scales are applied to the output. On
@@ -9,6 +9,8 @@ Two backends behind one ``__call__(x)``:
   faster than ``F.linear`` for 1-16 rows on this project's 2-core machine.
 - ``reference``: the compressed-tensors words as stored, unpacked and dequantized per group on
   every call, then ``F.linear``: slow, obviously right, the ground truth in tests.
+- ``triton``: the stored int32 words go to a Triton kernel that unpacks and dequantizes them in
+  registers (``inferkit.kernels.quant_matmul``): INT4/INT8, the GPU path.
 """
 
 from __future__ import annotations
@@ -146,3 +148,33 @@ class ConcatLinear:
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self.parts)
 
+
+class TritonQuantLinear:
+    """INT4/INT8 weights kept in the artifact's packing (int32 words along the input), multiplied
+    by the Triton dequantizing kernel. Zero points are kept unpacked ([out, groups], tiny)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 fmt: QuantFormat, in_features: int, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+        self.packed = packed.contiguous()  # int32 [out, in * bits / 32]
+        self.out_features, self.in_features = packed.shape[0], in_features
+        self.scale = scale.to(dtype).contiguous()  # [out, groups]
+        self.zero = zero_point.to(dtype).contiguous() if zero_point is not None else None
+        self.fmt, self.bias = fmt, bias
+        self.group_size = fmt.group_size if fmt.num_groups(in_features) > 1 else None
+
+    @staticmethod
+    def supports(fmt: QuantFormat, in_features: int) -> bool:
+        if fmt.bits not in (4, 8) or in_features % (32 // fmt.bits):
+            return False
+        groups = fmt.num_groups(in_features)
+        g = fmt.group_size
+        return groups == 1 or (g is not None and g & (g - 1) == 0 and in_features % g == 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from inferkit.kernels.quant_matmul import quant_matmul
+
+        return quant_matmul(x, self.packed, self.scale, self.zero, self.fmt.bits, self.group_size, self.bias)
+
+    def nbytes(self) -> int:
+        parts = (self.packed, self.scale) + ((self.zero,) if self.zero is not None else ())
+        return sum(t.numel() * t.element_size() for t in parts)

@@ -11,7 +11,7 @@ import torch
 from inferkit.errors import InferkitError
 from inferkit.quant.scheme import QuantFormat
 from inferkit.quant import compressed
-from inferkit.runtime.linear import ConcatLinear, DenseLinear, QuantLinear, ReferenceQuantLinear
+from inferkit.runtime.linear import ConcatLinear, DenseLinear, QuantLinear, ReferenceQuantLinear, TritonQuantLinear
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -97,6 +97,18 @@ class LinearLoader:
             parts = [ReferenceQuantLinear({k: v.to(self.device) for k, v in self._tensors(n).items()}, self.formats[n],
                                           self.dtype, self._bias(n)) if p else self.load([n]) for n, p in zip(names, packed)]
             return parts[0] if len(parts) == 1 else ConcatLinear(parts)
+        if all(packed) and len(fmts) == 1 and self.backend == "triton":
+            fmt = next(iter(fmts))
+            tensors = [self._tensors(n) for n in names]
+            in_features = int(tensors[0]["weight_shape"][1])
+            if TritonQuantLinear.supports(fmt, in_features):
+                zeros = None
+                if "weight_zero_point" in tensors[0]:
+                    zeros = torch.cat([compressed.decompress(t, fmt).zero_point for t in tensors])
+                return TritonQuantLinear(torch.cat([t["weight_packed"] for t in tensors]).to(self.device),
+                                         torch.cat([t["weight_scale"] for t in tensors]).to(self.device),
+                                         None if zeros is None else zeros.to(self.device), fmt, in_features,
+                                         self.dtype, self._cat_bias(names))
         if all(packed) and len(fmts) == 1:
             fmt = fmts.pop()
             parts = [compressed.decompress(self._tensors(n), fmt) for n in names]

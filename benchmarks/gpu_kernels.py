@@ -1,0 +1,302 @@
+"""The Triton kernels and the runtime on a CUDA GPU (run by benchmarks/gpu.sh).
+
+    python benchmarks/gpu_kernels.py --out bench_out/gpu_kernels.json [--skip-e2e]
+
+1. Memory-copy bandwidth (a 1 GiB device-to-device copy, bytes read + written): the ceiling.
+2. Paged decode attention, Llama-3-8B heads (32 query / 8 KV heads, dim 128, bf16, 16-token
+   blocks, shuffled): batch 1/16/64 x context 512/4096. KV bytes read / time, against the copy
+   bandwidth and against PyTorch SDPA over a contiguous cache of the same K/V.
+3. Dequantizing matmul, K x N = 4096x4096, 4096x14336, 14336x4096 (in x out), batch 1/8/32:
+   INT4 (g128, symmetric) and INT8 (per channel) through the Triton kernel, bf16 through
+   torch.matmul; time and weight bytes / time. Plus a small sweep of INT4 tile configs at batch 1.
+4. End to end: a Llama-3.2-1B-shaped random-weight model in bf16, decode tokens/s of the runtime
+   (Triton kernels, CUDA graphs) and of transformers' generate(), batch 1 and 32, 128 new tokens.
+
+Times: medians of triton.testing.do_bench (which clears the L2 cache between runs; each call
+pays Triton's Python launch, tens of microseconds), and "graphed": calls captured in a CUDA
+graph over enough operand copies to exceed L2, i.e. the kernels' own time, as the runtime
+replays them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+DEV = "cuda"
+SMOKE = False  # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, to check this script
+
+
+def bench(fn) -> float:
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+
+
+def bench_graphed(make_call, nbytes: int) -> float:
+    """Seconds per call with launch overhead removed: calls captured in a CUDA graph and replayed
+    (Triton's Python launcher costs tens of microseconds, more than a small kernel runs). The
+    calls cycle through enough copies of the operands (``make_call(i)``) to exceed the L2 cache."""
+    if SMOKE:
+        return bench(make_call(0))
+    import statistics
+
+    copies = max(1, min(16, -(-256 * 2**20 // max(nbytes, 1))))
+    calls = [make_call(i) for i in range(copies)]
+    for call in calls:  # compile and warm up outside the capture
+        call()
+    torch.cuda.synchronize()
+    reps = max(1, 32 // copies)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for call in calls:
+                call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / (reps * copies))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(2**10 if SMOKE else 2**29, dtype=torch.float16, device=DEV).normal_()
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / t
+
+
+def attention(copy_bw: float) -> list[dict]:
+    from inferkit.kernels.paged_attention import paged_decode_attention
+
+    rows = []
+    heads, kv_heads, dim, bs = 32, 8, 128, 16
+    for batch in ((1, 2) if SMOKE else (1, 16, 64)):
+        for ctx in ((32,) if SMOKE else (512, 4096)):
+            blocks = batch * ctx // bs
+            g = torch.Generator(device=DEV).manual_seed(0)
+            kc = torch.randn(blocks + 1, bs, kv_heads, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+            vc = torch.randn_like(kc)
+            tables = torch.randperm(blocks, device=DEV, generator=g).view(batch, ctx // bs).to(torch.int32)
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            q = torch.randn(batch, heads, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+            scale = dim ** -0.5
+            t_tri = bench(lambda: paged_decode_attention(q, kc, vc, tables, lens, scale, ctx))
+            kv_bytes = 2 * batch * ctx * kv_heads * dim * 2
+            # graphed: copies of the block tables over one pool would hit L2 for small shapes, so
+            # each copy gets its own pool (the bigger shapes need no copies)
+            pools = [(kc, vc)] + [(torch.randn_like(kc), torch.randn_like(vc))
+                                  for _ in range(max(0, min(15, -(-256 * 2**20 // kv_bytes)) - 1))]
+            t_graph = bench_graphed(lambda i: (lambda: paged_decode_attention(
+                q, pools[i % len(pools)][0], pools[i % len(pools)][1], tables, lens, scale, ctx)), kv_bytes)
+            # SDPA over a contiguous copy of the same K/V (what a non-paged cache would hold).
+            k = kc[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()  # [B, KVH, ctx, D]
+            v = vc[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
+            qg = q.view(batch, kv_heads, heads // kv_heads, dim)
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            t_sdpa = bench(lambda: sdpa(qg, k, v, scale=scale))
+            ref = sdpa(qg.float(), k.float(), v.float(), scale=scale).reshape(batch, heads, dim)
+            out = paged_decode_attention(q, kc, vc, tables, lens, scale, ctx)
+            err = float((out.float() - ref).norm() / ref.norm())
+            row = {"batch": batch, "context": ctx, "triton_us": t_tri * 1e6, "sdpa_contiguous_us": t_sdpa * 1e6,
+                   "triton_gb_s": kv_bytes / t_tri / 1e9, "sdpa_gb_s": kv_bytes / t_sdpa / 1e9,
+                   "triton_vs_copy": kv_bytes / t_tri / copy_bw, "rel_err": err,
+                   "triton_graphed_us": t_graph * 1e6, "triton_graphed_gb_s": kv_bytes / t_graph / 1e9,
+                   "triton_graphed_vs_copy": kv_bytes / t_graph / copy_bw}
+            rows.append(row)
+            print("attention", json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def matmul() -> tuple[list[dict], list[dict]]:
+    from inferkit.kernels.quant_matmul import quant_matmul
+    from inferkit.quant.pack import pack_int32
+
+    rows, sweep = [], []
+    for K, N in (((256, 128),) if SMOKE else ((4096, 4096), (4096, 14336), (14336, 4096))):
+        g = torch.Generator().manual_seed(0)
+        q4 = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+        w4 = pack_int32(q4, 4, dim=1).to(DEV)
+        s4 = (torch.rand(N, K // 128, generator=g) * 0.01 + 0.001).to(torch.bfloat16).to(DEV)
+        q8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int16).to(torch.int8)
+        w8 = pack_int32(q8, 8, dim=1).to(DEV)
+        s8 = (torch.rand(N, 1, generator=g) * 0.01 + 0.001).to(torch.bfloat16).to(DEV)
+        wb = ((q4.float() * s4.float().cpu().repeat_interleave(128, 1))).to(torch.bfloat16).to(DEV)
+        for M in (1, 8, 32):
+            x = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
+            t_bf16 = bench(lambda: torch.matmul(x, wb.T))
+            t_i4 = bench(lambda: quant_matmul(x, w4, s4, None, 4, 128))
+            t_i8 = bench(lambda: quant_matmul(x, w8, s8, None, 8, None))
+            b16, b4, b8 = K * N * 2, K * N // 2 + N * K // 128 * 2, K * N + N * 2
+            copies4 = [(w4, s4)] + [(w4.clone(), s4.clone()) for _ in range(max(0, min(15, -(-256 * 2**20 // b4)) - 1))]
+            copies8 = [(w8, s8)] + [(w8.clone(), s8.clone()) for _ in range(max(0, min(15, -(-256 * 2**20 // b8)) - 1))]
+            copies16 = [wb] + [wb.clone() for _ in range(max(0, min(15, -(-256 * 2**20 // b16)) - 1))]
+            g_i4 = bench_graphed(lambda i: (lambda: quant_matmul(x, *copies4[i % len(copies4)], None, 4, 128)), b4)
+            g_i8 = bench_graphed(lambda i: (lambda: quant_matmul(x, *copies8[i % len(copies8)], None, 8, None)), b8)
+            g_bf16 = bench_graphed(lambda i: (lambda: torch.matmul(x, copies16[i % len(copies16)].T)), b16)
+            ref = torch.matmul(x.float(), wb.float().T)
+            err = float((quant_matmul(x, w4, s4, None, 4, 128).float() - ref).norm() / ref.norm())
+            row = {"K": K, "N": N, "M": M, "bf16_us": t_bf16 * 1e6, "int4_us": t_i4 * 1e6, "int8_us": t_i8 * 1e6,
+                   "int4_speedup": t_bf16 / t_i4, "int8_speedup": t_bf16 / t_i8, "bf16_gb_s": b16 / t_bf16 / 1e9,
+                   "int4_gb_s": b4 / t_i4 / 1e9, "int8_gb_s": b8 / t_i8 / 1e9, "int4_rel_err": err,
+                   "graphed_bf16_us": g_bf16 * 1e6, "graphed_int4_us": g_i4 * 1e6, "graphed_int8_us": g_i8 * 1e6,
+                   "graphed_int4_speedup": g_bf16 / g_i4, "graphed_int8_speedup": g_bf16 / g_i8,
+                   "graphed_int4_gb_s": b4 / g_i4 / 1e9, "graphed_bf16_gb_s": b16 / g_bf16 / 1e9}
+            rows.append(row)
+            print("matmul", json.dumps(row), flush=True)
+            if M == 1 and not SMOKE:
+                for cfg in ({"BN": 32, "BK": 256}, {"BN": 64, "BK": 256}, {"BN": 128, "BK": 256}, {"BN": 32, "BK": 512},
+                            {"BN": 64, "BK": 512}, {"BN": 16, "BK": 512}):
+                    for split in (1, 2, 4):
+                        c = {"num_warps": 4, **cfg, "SPLIT_K": split}
+                        t = bench(lambda: quant_matmul(x, w4, s4, None, 4, 128, config=c))
+                        sweep.append({"K": K, "N": N, **c, "int4_us": t * 1e6, "speedup": t_bf16 / t})
+        torch.cuda.empty_cache()
+    best = {}
+    for r in sweep:
+        key = (r["K"], r["N"])
+        if key not in best or r["int4_us"] < best[key]["int4_us"]:
+            best[key] = r
+    for r in best.values():
+        print("int4 M=1 best config", json.dumps(r), flush=True)
+    return rows, sweep
+
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def end_to_end(work: Path, tokenizer_dir: Path) -> dict:
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from inferkit.runtime import LLM, SamplingParams
+
+    shape = dict(LLAMA_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2) if SMOKE else LLAMA_1B
+    folder = work / ("llama-smoke" if SMOKE else "llama-1b-shape")
+    if not (folder / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        with torch.device(DEV):  # random init on the GPU: seconds instead of a minute
+            model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+        for f in tokenizer_dir.iterdir():  # any tokenizer: the benchmark feeds token ids
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy(f, folder / f.name)
+    n = 8 if SMOKE else 128
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 500 if SMOKE else 40000, (32,), generator=g).tolist() for _ in range(32)]
+    sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
+    out = {"model": "Llama-3.2-1B shape, random bf16 weights", "new_tokens": n}
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval().to(DEV)
+    for batch in (1, 32):
+        ids = torch.tensor(prompts[:batch], device=DEV)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+            sync()
+            start = time.perf_counter()
+            ref = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            sync()
+        out[f"transformers_batch{batch}_tok_s"] = batch * n / (time.perf_counter() - start)
+        if batch == 1:
+            hf_tokens = ref[0, 32:].tolist()
+    del hf
+    for graphs in (True, False):
+        try:
+            llm = LLM(folder, device=DEV, dtype="bfloat16", cuda_graphs=graphs, max_model_len=1024,
+                      kv_cache_gb=0.1 if SMOKE else 4, linear_backend="triton", attention_backend="triton")
+        except Exception as exc:  # report and go on: the other variant still measures
+            out[f"runtime_{'graphs' if graphs else 'eager'}_error"] = repr(exc)
+            continue
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        for batch in (1, 32):
+            llm.generate(prompts[:batch], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            sync()
+            start = time.perf_counter()
+            outs = llm.generate(prompts[:batch], params)
+            sync()
+            tag = "graphs" if graphs else "eager"
+            out[f"runtime_{tag}_batch{batch}_tok_s"] = batch * n / (time.perf_counter() - start)
+            if batch == 1:
+                got = outs[0].token_ids
+                out[f"runtime_{tag}_greedy_prefix_equal_transformers"] = next(
+                    (i for i, (a, b) in enumerate(zip(got, hf_tokens)) if a != b), len(got))
+        out["backends"] = llm.engine.backends
+        del llm
+    best = "graphs" if "runtime_graphs_batch1_tok_s" in out else "eager"
+    for batch in (1, 32):
+        out[f"speedup_batch{batch}"] = out[f"runtime_{best}_batch{batch}_tok_s"] / out[f"transformers_batch{batch}_tok_s"]
+    print("end to end", json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_kernels.json"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ik-gpu"))
+    parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/demo"))
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script")
+    args = parser.parse_args()
+    global DEV, SMOKE
+    if args.smoke:
+        DEV, SMOKE = "cpu", True
+    results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__}
+    import triton
+
+    results["triton"] = triton.__version__
+    results["copy_gb_s"] = copy_bandwidth() / 1e9
+    print(f"memory copy: {results['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
+    results["attention"] = attention(results["copy_gb_s"] * 1e9)
+    results["matmul"], results["int4_config_sweep"] = matmul()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.skip_e2e:
+        args.work.mkdir(parents=True, exist_ok=True)
+        results["end_to_end"] = end_to_end(args.work, args.tokenizer)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\nsummary")
+    for r in results["attention"]:
+        print(f"  attention b{r['batch']:>2} ctx{r['context']:>5}: {r['triton_gb_s']:7.0f} GB/s = "
+              f"{100 * r['triton_vs_copy']:5.1f}% of copy (graphed {r['triton_graphed_gb_s']:5.0f} GB/s = "
+              f"{100 * r['triton_graphed_vs_copy']:5.1f}%); SDPA contiguous {r['sdpa_gb_s']:7.0f} GB/s")
+    for r in results["matmul"]:
+        print(f"  matmul {r['K']}x{r['N']} M={r['M']:>2}: bf16 {r['bf16_us']:7.1f} us, int8 {r['int8_us']:7.1f} us "
+              f"({r['int8_speedup']:.2f}x), int4 {r['int4_us']:7.1f} us ({r['int4_speedup']:.2f}x); graphed: bf16 "
+              f"{r['graphed_bf16_us']:6.1f}, int8 {r['graphed_int8_us']:6.1f} ({r['graphed_int8_speedup']:.2f}x), int4 "
+              f"{r['graphed_int4_us']:6.1f} us ({r['graphed_int4_speedup']:.2f}x)")
+    if "end_to_end" in results:
+        e = results["end_to_end"]
+        for tag in ("graphs", "eager"):
+            if f"runtime_{tag}_batch1_tok_s" in e:
+                print(f"  e2e 1B bf16 runtime ({tag}): batch 1 {e[f'runtime_{tag}_batch1_tok_s']:.0f} tok/s, batch 32 "
+                      f"{e[f'runtime_{tag}_batch32_tok_s']:.0f}; same greedy tokens as generate for the first "
+                      f"{e[f'runtime_{tag}_greedy_prefix_equal_transformers']}")
+            else:
+                print(f"  e2e runtime ({tag}) failed: {e.get(f'runtime_{tag}_error')}")
+        print(f"  e2e transformers generate(): batch 1 {e['transformers_batch1_tok_s']:.0f} tok/s, batch 32 "
+              f"{e['transformers_batch32_tok_s']:.0f}; speedup {e['speedup_batch1']:.1f}x / {e['speedup_batch32']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Paged decode attention (Triton), split-KV with a log-sum-exp merge (flash-decoding).
+
+One query token per sequence attends to its ``context_len`` cached tokens, found through its
+block table: token ``p`` lives in row ``block_tables[b, p // block_size]`` of the cache, slot
+``p % block_size``. Cache layout (one layer): ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+
+A program handles one (sequence, KV head, split): the query heads sharing that KV head are its
+rows (grouped-query attention reads each K/V once for the whole group). Long contexts are cut
+into splits that run in parallel, each keeping a running max ``m``, a sum ``l`` and an
+unnormalised output; a second kernel merges them (skipped when there is one split).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
+    scale, tokens_per_split,
+    stride_qb, stride_qh, stride_kblock, stride_kslot, stride_khead, stride_tb,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    heads = kvh * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        block = tl.load(tables_ptr + b * stride_tb + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        rows = block * stride_kblock + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kslot + kvh * stride_khead
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:  # float32 (or the interpreter, whose bf16 dot is wrong): exact float32 products
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        base = b * stride_pb + heads * stride_ph + split * stride_ps  # [GROUP_PAD]
+        tl.store(part_ptr + base[:, None] + offs_d[None, :], acc, mask=out_mask)
+        ml = ml_ptr + b * stride_mb + heads * stride_mh + split * stride_ms
+        tl.store(ml, m_i, mask=g_mask)
+        tl.store(ml + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, ml_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
+                  stride_ob, stride_oh,
+                  NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+    ml = ml_ptr + b * stride_mb + h * stride_mh + offs_s * stride_ms
+    m = tl.load(ml, mask=s_mask, other=float("-inf"))
+    l = tl.load(ml + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_mask & (l > 0), tl.exp(m - m_max), 0.0)  # empty splits: m=-inf, l=0
+    parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def num_splits_for(batch: int, num_kv_heads: int, max_context: int, block_n: int = 64, target_programs: int = 264) -> int:
+    """Enough splits that batch x KV heads x splits fills the GPU (~2 programs per SM on an
+    H100), none shorter than one tile: a heuristic, also fixed per batch size under CUDA graphs."""
+    want = max(1, -(-target_programs // (batch * num_kv_heads)))
+    return max(1, min(want, -(-max_context // block_n), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           max_context: int, num_splits: int | None = None, block_n: int = 64,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [B, max_blocks] int32;
+    context_lens [B] int32 (each >= 1); ``max_context`` bounds the lengths (no device sync).
+    Returns [B, H, D] in q's dtype."""
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and q.stride(-1) == 1
+    group = num_heads // num_kv_heads
+    splits = num_splits or num_splits_for(batch, num_kv_heads, max_context, block_n)
+    per_split = -(-max_context // splits)
+    per_split = -(-per_split // block_n) * block_n
+    out = torch.empty_like(q) if out is None else out
+    if splits > 1:
+        part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        ml = torch.empty((batch, num_heads, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out  # unused
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    s_p = part.stride()[:3] if splits > 1 else (0, 0, 0)
+    s_m = ml.stride()[:3] if splits > 1 else (0, 0, 0)
+    _decode_split_kernel[(batch, num_kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, ml,
+        scale, per_split,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), *s_p, *s_m,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=splits,
+        IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
+        num_warps=4, num_stages=2,
+    )
+    if splits > 1:
+        _merge_kernel[(batch, num_heads)](
+            part, ml, out, *part.stride()[:3], *ml.stride()[:3], out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad,
+            num_warps=4,
+        )
+    return out
+
+
+def reference_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same function in plain PyTorch, one sequence at a time, in float32."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    outs = []
+    for b in range(batch):
+        n = int(context_lens[b])
+        blocks = block_tables[b, : -(-n // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        outs.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v))
+    return torch.stack(outs).to(q.dtype)

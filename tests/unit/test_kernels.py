@@ -1,0 +1,181 @@
+"""The Triton kernels against their PyTorch references over a grid of shapes, and the runtime
+with the Triton backends giving the reference backend's greedy tokens. Without a GPU they run
+in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernels are imported)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from inferkit.kernels.kv_cache import reference_store_kv, store_kv  # noqa: E402
+from inferkit.kernels.paged_attention import paged_decode_attention, reference_paged_decode  # noqa: E402
+from inferkit.kernels.quant_matmul import pick_config, quant_matmul, reference_quant_matmul  # noqa: E402
+from inferkit.quant.pack import pack_int32  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_err(out, ref) -> float:
+    assert not out.isnan().any()
+    return float((out.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm())
+
+
+def paged_case(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """Random K/V scattered over shuffled blocks, and each sequence's block table."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_each = [-(-n // block_size) for n in lens]
+    num_blocks = sum(blocks_each) + 2
+    kc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(lens), max(blocks_each), dtype=torch.int32)
+    for b, count in enumerate(blocks_each):
+        tables[b, :count] = torch.tensor([perm.pop() for _ in range(count)], dtype=torch.int32)
+    q = torch.randn(len(lens), num_heads, head_dim, generator=g).to(dtype)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    return dev(q), dev(kc), dev(vc), dev(tables), dev(torch.tensor(lens, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (8, 1)], ids=lambda h: f"gqa{h[0] // h[1]}")
+@pytest.mark.parametrize("block_size,lens,splits", [(16, [1, 17, 40], None), (8, [33, 5, 64], 3), (4, [7, 9, 2], 2),
+                                                    (32, [70], 4)])
+def test_paged_decode_matches_reference(dtype, heads, block_size, lens, splits):
+    q, kc, vc, tables, cl = paged_case(lens, heads[0], heads[1], 32, block_size, dtype)
+    scale = 32 ** -0.5
+    out = paged_decode_attention(q, kc, vc, tables, cl, scale, max(lens), num_splits=splits, block_n=16)
+    assert rel_err(out, reference_paged_decode(q, kc, vc, tables, cl, scale)) < TOL[dtype]
+
+
+def test_paged_decode_with_more_splits_than_tokens_and_odd_head_dim():
+    """Empty splits (a 3-token context cut into 8) merge to nothing; head_dim 24 is padded."""
+    q, kc, vc, tables, cl = paged_case([3, 50], 6, 3, 24, 16, torch.float32)
+    out = paged_decode_attention(q, kc, vc, tables, cl, 0.2, 50, num_splits=8, block_n=16)
+    assert rel_err(out, reference_paged_decode(q, kc, vc, tables, cl, 0.2)) < 1e-5
+
+
+def test_kv_store_scatters_and_skips_padding():
+    g = torch.Generator().manual_seed(1)
+    kc = torch.zeros(6, 4, 2, 24).to(DEVICE)
+    vc = torch.zeros_like(kc)
+    qkv = torch.randn(5, 8, 24, generator=g).to(DEVICE)  # k, v are strided views, as in the runtime
+    k, v = qkv[:, 4:6], qkv[:, 6:8]
+    slots = torch.tensor([3, 17, -1, 0, 22]).to(DEVICE)
+    store_kv(k, v, kc, vc, slots)
+    want_k, want_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    reference_store_kv(k, v, want_k, want_v, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    assert int((kc != 0).any(-1).any(-1).sum()) == 4  # the -1 row wrote nothing
+
+
+def quant_case(M, N, K, bits, group_size, asym, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = torch.randint(lo, hi + 1, (N, K), generator=g)
+    groups = 1 if group_size is None else K // group_size
+    scale = (torch.rand(N, groups, generator=g) * 0.02 + 0.005).to(dtype)
+    zero = torch.randint(lo, hi + 1, (N, groups), generator=g).to(dtype) if asym else None
+    x = torch.randn(M, K, generator=g).to(dtype)
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return dev(x), dev(pack_int32(q, bits, dim=1)), dev(scale), dev(zero)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, None], ids=lambda g: f"g{g}" if g else "ch")
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+@pytest.mark.parametrize("M", [1, 3, 5, 20])
+def test_quant_matmul_matches_reference(bits, group_size, asym, M):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, s, z = quant_case(M, 48, 384, bits, group_size, asym, dtype, seed=M)
+        out = quant_matmul(x, w, s, z, bits, group_size)
+        assert out.dtype == dtype and out.shape == (M, 48)
+        assert rel_err(out, reference_quant_matmul(x, w, s, z, bits, group_size)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("config", [dict(SPLIT_K=4), dict(SPLIT_K=3, BK=128), dict(BN=32, BK=256), dict(BN=16, BK=512)])
+@pytest.mark.parametrize("M", [1, 7])
+@pytest.mark.parametrize("group_size", [32, 256])
+def test_quant_matmul_split_k_and_tiles(config, M, group_size):
+    """Tiles spanning several groups (scales per word) and tiles inside one group."""
+    x, w, s, z = quant_case(M, 40, 512, 4, group_size, True, torch.float16, seed=3)
+    out = quant_matmul(x, w, s, z, 4, group_size, config=config)
+    assert rel_err(out, reference_quant_matmul(x, w, s, z, 4, group_size)) < TOL[torch.float16]
+    if M == 1:  # the decode kernel also takes tiles smaller than a group
+        out = quant_matmul(x, w, s, z, 4, group_size, config={**config, "BK": 64})
+        assert rel_err(out, reference_quant_matmul(x, w, s, z, 4, group_size)) < TOL[torch.float16]
+
+
+def test_quant_matmul_bias_larger_batch_and_a_non_power_of_two_input():
+    x, w, s, z = quant_case(40, 24, 96, 4, 32, False, torch.float32, seed=4)  # K = 3 groups of 32
+    bias = torch.randn(24).to(DEVICE)
+    out = quant_matmul(x, w, s, z, 4, 32, bias=bias)
+    assert rel_err(out, reference_quant_matmul(x, w, s, z, 4, 32).cpu() + bias.double().cpu()) < 1e-5
+    x, w, s, z = quant_case(2, 24, 96, 8, None, True, torch.float32, seed=5)  # per channel, K = 96
+    assert rel_err(quant_matmul(x, w, s, z, 8, None), reference_quant_matmul(x, w, s, z, 8, None)) < 1e-5
+
+
+def test_config_heuristic_splits_k_only_when_the_output_is_small(monkeypatch):
+    cuda = torch.device("cuda")
+    from inferkit.kernels import quant_matmul as qm
+
+    monkeypatch.setitem(qm._SM_COUNT, cuda, 132)  # an H100
+    assert pick_config(1, 4096, 14336, 128, cuda)["SPLIT_K"] == 2  # 64 output tiles: split K
+    assert pick_config(1, 14336, 4096, 128, cuda)["SPLIT_K"] == 1  # 224 tiles already cover 132 SMs
+    assert pick_config(256, 14336, 4096, 128, cuda)["SPLIT_K"] == 1  # 448 tiles fill it
+    assert pick_config(8, 576, 576, 32, cuda, bits=4)["BK"] == 128  # 16 words per MMA step
+    assert pick_config(8, 576, 576, 32, cuda, bits=8)["BK"] == 64
+
+
+# -- the runtime with the Triton backends ------------------------------------------------------
+@pytest.fixture(scope="module")
+def w4_artifact(tiny_llama, tmp_path_factory):
+    from inferkit.config import QuantizeConfig, Recipe
+    from inferkit.data.calibration import CalibrationConfig
+    from inferkit.stages.quantize import run_quantize
+
+    path = tmp_path_factory.mktemp("art") / "mixed"
+    run_quantize(str(tiny_llama), Recipe(quantize=QuantizeConfig(method="rtn", bits=4, group_size=32, symmetric=False,
+                                                                 batch_size=4, overrides={"mlp.down_proj": "int8-ch-sym"}),
+                                         calibration=CalibrationConfig(source="seed", num_samples=8, seq_len=64)), path)
+    return path
+
+
+PROMPTS = [[5, 17, 30, 2, 99], list(range(40, 75)), [300, 2, 3]]
+
+
+@pytest.mark.parametrize("model", ["dense", "w4"])
+def test_runtime_greedy_is_identical_with_the_triton_backends(tiny_llama, w4_artifact, model):
+    from inferkit.runtime import LLM, SamplingParams
+    from inferkit.runtime.linear import TritonQuantLinear
+
+    folder = tiny_llama if model == "dense" else w4_artifact
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    ref = LLM(folder, device=DEVICE, linear_backend="reference", attention_backend="torch")
+    tri = LLM(folder, device=DEVICE, linear_backend="triton", attention_backend="triton", block_size=8, cuda_graphs=False)
+    assert tri.engine.backends == {"linear": "triton", "attention": "triton"}
+    if model == "w4":
+        layer = tri.engine.model.layers[0]
+        assert isinstance(layer.qkv, TritonQuantLinear) and isinstance(layer.down, TritonQuantLinear)
+        assert layer.qkv.packed.dtype == torch.int32  # the artifact's words, as stored
+    assert [o.token_ids for o in tri.generate(PROMPTS, greedy)] == [o.token_ids for o in ref.generate(PROMPTS, greedy)]
+    ids = list(range(3, 40))
+    assert (tri.score(ids) - ref.score(ids)).abs().max() < 1e-4
+
+
+def test_triton_backend_errors(tiny_llama, monkeypatch):
+    from inferkit.errors import InferkitError
+    from inferkit.runtime import LLM
+
+    with pytest.raises(InferkitError, match="attention_backend must be one of"):
+        LLM(tiny_llama, attention_backend="flash")
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(InferkitError, match="linear_backend=triton needs a CUDA device"):
+            LLM(tiny_llama, linear_backend="triton")
+        assert LLM(tiny_llama).engine.backends == {"linear": "torch", "attention": "torch"}
