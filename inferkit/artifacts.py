@@ -41,9 +41,19 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest: ``inferkit verify``
+    recomputes it, so an edit by hand shows."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(folder: Path, manifest: dict) -> dict:
-    """Add the sha256 of every file to ``manifest`` and write it as ``inferkit.json``."""
+    """Add the sha256 of every file (and of the manifest itself) to ``manifest`` and write it
+    as ``inferkit.json``."""
     manifest = dict(manifest, files=hash_files(folder))
+    manifest.pop("manifest_sha256", None)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json(folder / MANIFEST, manifest)
     return manifest
 

@@ -9,7 +9,6 @@ from inferkit.cli.ui import EXIT_NOT_BUILT, err_console
 PENDING = {
     "pack": "Assemble the final artifact folder with manifest, reports and draft.",
     "run": "Run the whole pipeline from a recipe (recipes/X.yaml).",
-    "verify": "Re-hash an artifact against its manifest.",
 }
 
 
