@@ -35,7 +35,7 @@ def test_version():
     assert invoke("--version") == (0, f"inferkit {__version__}\n")
 
 
-@pytest.mark.parametrize("name", ["pack", "run"])
+@pytest.mark.parametrize("name", ["run"])
 def test_commands_not_built_yet_exit_2(name):
     code, out = invoke(name, "anything")
     assert code == 2
