@@ -37,7 +37,8 @@ def serve_test(
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length served (default: the model's).")] = None,
     prefix_caching: Annotated[Optional[bool], typer.Option("--prefix-caching/--no-prefix-caching", help="Share KV blocks of common prompt prefixes.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
-    draft: Annotated[Optional[Path], typer.Option(help="Draft model folder: serve with speculative decoding and measure it.")] = None,
+    draft: Annotated[Optional[Path], typer.Option(help="Draft model folder: serve with speculative decoding and measure it (default: a packed artifact's own draft/).")] = None,
+    use_draft: Annotated[bool, typer.Option("--use-draft/--no-draft", help="Use the packed artifact's draft/ when --draft is not given.")] = True,
     num_speculative_tokens: Annotated[Optional[int], typer.Option(help="Draft tokens proposed per step.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Fail below this greedy agreement with the reference (0-1).")] = None,
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="Fail above this perplexity increase over the reference (%).")] = None,
@@ -66,10 +67,13 @@ def serve_test(
                  max_itl_p99_ms=max_itl_p99_ms, min_kv_utilisation=min_kv_utilisation, max_peak_rss_mb=max_peak_rss_mb,
                  prompt_len=_range(prompt_len, "--prompt-len") if prompt_len else None,
                  output_len=_range(output_len, "--output-len") if output_len else None)
-    cfg = with_overrides(base, serve_test=flags).serve_test
     path = Path(resolve_model_arg(model, log=console.print))
     if not path.is_dir():
         raise InferkitError(f"{path} is not a model folder")
+    if draft is None and use_draft and (path / "draft" / "config.json").is_file():
+        flags["draft"] = str(path / "draft")  # a packed artifact brings its draft
+        console.print(f"speculative decoding with the artifact's draft: {path / 'draft'}")
+    cfg = with_overrides(base, serve_test=flags).serve_test
     out = out or Path(f"serve-test-{path.name}")
     check_output_dir(out, overwrite)
     with progress_bar("serve-test") as update:

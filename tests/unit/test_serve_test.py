@@ -134,3 +134,16 @@ def test_speculative_serve_test_reports_acceptance(artifact, tmp_path):
     assert sp["tokens_per_step"] > 3.5
     suite = ET.parse(out / "junit.xml").getroot()
     assert "speculative_greedy_equal_plain" in [c.get("name") for c in suite.iter("testcase")]
+
+
+def test_a_packed_artifact_brings_its_draft(artifact, tmp_path):
+    from inferkit.stages.pack import pack
+
+    packed = tmp_path / "packed"
+    pack(artifact, packed, draft=artifact)  # the artifact as its own draft: every token accepted
+    code, output = invoke(packed, "-o", tmp_path / "st", *SMALL, "--no-quality")
+    assert code == 0, output
+    report = json.loads((tmp_path / "st" / "report.json").read_text())
+    assert report["speculative"]["acceptance_rate"] == 1.0 and report["speculative"]["greedy_equal_plain"]
+    code, output = invoke(packed, "-o", tmp_path / "st2", *SMALL, "--no-quality", "--no-draft")
+    assert code == 0 and "speculative" not in json.loads((tmp_path / "st2" / "report.json").read_text())
