@@ -273,9 +273,11 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise InferkitError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InferkitError(f"recipe {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise InferkitError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise InferkitError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return recipe_from_dict(data or {}, where=path.name)
 
 

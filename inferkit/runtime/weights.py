@@ -24,9 +24,12 @@ def verify_manifest(folder: Path) -> None:
     if not path.is_file():
         return
     try:
-        files = json.loads(path.read_text()).get("files") or {}
-    except json.JSONDecodeError as exc:
-        raise InferkitError(f"{path} is not valid JSON: {exc}") from exc
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InferkitError(f"{path} is not valid JSON: {exc}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) for e in files.values()):
+        raise InferkitError(f"{path} has no valid 'files' table")
     for rel, entry in files.items():
         f = folder / rel
         if not f.is_file():
