@@ -192,6 +192,10 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sensitivity: ScanConfig = field(default_factory=ScanConfig)
     serve_test: ServeTestConfig = field(default_factory=ServeTestConfig)
+    # `inferkit run` only: a draft to distil (DistillConfig's fields plus student_layers, student,
+    # eval_prompts, eval_data) and pack options (archive); None: no such stage.
+    distill: dict | None = None
+    pack: dict | None = None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -241,7 +245,15 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     for key in ("prompt_len", "output_len"):
         if key in serve:
             serve[key] = _range(serve[key], f"{where}.serve_test.{key}")
-    base = _build(Recipe, data, where)
+    distill = data.pop("distill", None)
+    if distill is not None:
+        distill = _distill_section(distill, f"{where}.distill")
+    pack = data.pop("pack", None)
+    if pack is not None:
+        if not isinstance(pack, dict) or set(pack) - {"archive"} or not isinstance(pack.get("archive", False), bool):
+            raise InferkitError(f"{where}.pack must be a mapping with one optional key, archive (true/false)")
+        pack = dict(pack)
+    base = dataclasses.replace(_build(Recipe, data, where), distill=distill, pack=pack)
     return dataclasses.replace(
         base,
         quantize=_build(QuantizeConfig, quant, f"{where}.quantize"),
@@ -249,6 +261,29 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
         sensitivity=_build(ScanConfig, sens, f"{where}.sensitivity"),
         serve_test=_build(ServeTestConfig, serve, f"{where}.serve_test"),
     )
+
+
+DISTILL_EXTRA = ("student_layers", "student", "eval_prompts", "eval_data")
+
+
+def _distill_section(value, where: str) -> dict:
+    """Check a recipe's distill section now (bad keys and values fail at load, not mid-run)."""
+    from inferkit.stages.distill import DistillConfig
+
+    if not isinstance(value, dict):
+        raise InferkitError(f"{where} must be a mapping, got {type(value).__name__}")
+    allowed = {f.name for f in dataclasses.fields(DistillConfig)} | set(DISTILL_EXTRA)
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise InferkitError(f"unknown key {where}.{unknown[0]}; allowed keys: {', '.join(sorted(allowed))}")
+    options = {k: v for k, v in value.items() if k not in DISTILL_EXTRA}
+    _build(DistillConfig, options, where)
+    if value.get("student") is not None and value.get("student_layers") is not None:
+        raise InferkitError(f"{where}: give student or student_layers, not both")
+    layers = value.get("student_layers")
+    if layers is not None and (not isinstance(layers, int) or layers < 1):
+        raise InferkitError(f"{where}.student_layers must be a positive integer, got {layers!r}")
+    return dict(value)
 
 
 def _range(value, where: str) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from inferkit import __version__
-from inferkit.cli import calibrate, demo, distill, eval as eval_mod, models, pack, pending, quantize, sensitivity, serve_test, verify
+from inferkit.cli import calibrate, demo, distill, eval as eval_mod, models, pack, pending, quantize, run, sensitivity, serve_test, verify
 
 app = typer.Typer(
     name="inferkit",
@@ -42,6 +42,7 @@ app.command("serve-test")(serve_test.serve_test)
 app.command("distill")(distill.distill)
 app.command("verify")(verify.verify)
 app.command("pack")(pack.pack)
+app.command("run")(run.run)
 app.add_typer(models.app, name="models")
 pending.register(app)
 

@@ -7,7 +7,6 @@ import typer
 from inferkit.cli.ui import EXIT_NOT_BUILT, err_console
 
 PENDING = {
-    "run": "Run the whole pipeline from a recipe (recipes/X.yaml).",
 }
 
 

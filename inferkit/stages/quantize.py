@@ -277,7 +277,7 @@ def _quantize_with_plan(loaded, recipe, plan, layer_plan, report_files, out, ove
                 "inferkit_version": __version__,
                 "stage": "quantize",
                 "method": cfg.method,
-                "calibration_stats": str(stats_dir) if stats_dir else None,
+                "calibration_stats": Path(stats_dir).name if stats_dir else None,  # not the path: same run, same bytes
                 "bits_per_weight": round(bpw, 4),
                 "gptq_loss": {k: round(v, 6) for k, v in losses.items()},
                 "plan": _plan_summary(layer_plan),

@@ -35,13 +35,6 @@ def test_version():
     assert invoke("--version") == (0, f"inferkit {__version__}\n")
 
 
-@pytest.mark.parametrize("name", ["run"])
-def test_commands_not_built_yet_exit_2(name):
-    code, out = invoke(name, "anything")
-    assert code == 2
-    assert "not built yet" in out
-
-
 def test_missing_path(tmp_path):
     assert_one_line_error(*invoke("quantize", tmp_path / "none", "-o", tmp_path / "o"), "does not exist")
 
