@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +54,8 @@ def write_quantized_artifact(loaded: LoadedModel, packed: dict[str, PackedWeight
     q = recipe.quantize
     with atomic_output_dir(out, overwrite) as tmp:
         save_safetensors(quantized_state_dict(model, packed), tmp / WEIGHTS, metadata={"format": "pt"})
+        if os.environ.get("INFERKIT_TEST_SLOW_QUANTIZE"):  # tests: be killed with the folder half-written
+            time.sleep(60)
         config = json.loads(model.config.to_json_string(use_diff=False))
         config.pop("quantization_config", None)
         if "lm_head" in packed:

@@ -126,6 +126,10 @@ def run_pipeline(recipe_path: Path, work: Path, out: Path | None = None, from_st
             shutil.rmtree(tmp)
             shutil.copytree(final, tmp)
         summary.artifact = str(out)
+        if (recipe.pack or {}).get("archive"):
+            from inferkit.stages.pack import write_archive
+
+            write_archive(out)
     elif final is not None:
         summary.artifact = str(final)
     (work / "run-summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
@@ -174,7 +178,8 @@ def _run_stage(stage: str, recipe, model: str, folder: Path, dirs: dict[str, Pat
         cfg = recipe.serve_test
         if dirs.get("distill") is not None:
             cfg = replace(cfg, draft=str(dirs["distill"]))
-        report, checks = run_serve_test(dirs["quantize"], cfg, progress=progress)
+        adapt = (lambda label, done, total: progress(done, total, label)) if progress else None  # its order
+        report, checks = run_serve_test(dirs["quantize"], cfg, progress=adapt)
         write_reports(folder, report, checks, overwrite=True)
     elif stage == "pack":
         from inferkit.stages.pack import pack

@@ -61,8 +61,8 @@ def check_files(folder: Path, report: Report) -> None:
         report.errors.append(f"{MANIFEST} has no 'files' table")
         return
     if "manifest_sha256" not in manifest:
-        report.warnings.append(f"{MANIFEST} carries no hash of itself (written before inferkit 0.1): hand edits "
-                               "to its other fields cannot be detected")
+        report.errors.append(f"{MANIFEST} carries no hash of itself: it was edited, or written by an older "
+                             "inferkit (re-pack it)")
     elif manifest["manifest_sha256"] != manifest_digest(manifest):
         report.errors.append(f"{MANIFEST} was edited after it was written (its own hash does not match)")
     for rel, entry in sorted(files.items()):

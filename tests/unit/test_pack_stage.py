@@ -1,6 +1,7 @@
 """inferkit pack: the assembled folder verifies, serves with its draft, archives with the manifest
 first, and bad inputs are refused before anything is written."""
 
+import importlib.util
 import json
 import shutil
 import tarfile
@@ -65,6 +66,11 @@ def test_pack_assembles_a_verified_servable_artifact(parts, tmp_path):
     spec = LLM(out, draft=str(out / "draft"), num_speculative_tokens=2)
     assert spec.generate([[5, 6, 7]], greedy)[0].token_ids == plain
     assert AutoModelForCausalLM.from_pretrained(out / "draft").config.num_hidden_layers == 1  # a plain HF model
+    if importlib.util.find_spec("zstandard"):  # .tar.zst then: read it through zstandard
+        import zstandard
+
+        with open(tmp_path / "final.tar.zst", "rb") as fh:
+            (tmp_path / "final.tar").write_bytes(zstandard.ZstdDecompressor().stream_reader(fh).read())
     with tarfile.open(tmp_path / "final.tar") as tar:
         names = tar.getnames()
         assert names[0] == "final/inferkit.json" and len(names) == len(manifest["files"]) + 1

@@ -24,7 +24,7 @@ def write_recipe(path, model, **extra):
         "serve_test": {"num_requests": 4, "prompt_len": [8, 16], "output_len": [4, 8], "windows": 2, "window_size": 32,
                        "max_model_len": 128, "num_kv_blocks": 40, "agreement_prompts": 2, "agreement_tokens": 4,
                        "min_agreement": 0.5, "max_ppl_increase": 5.0},
-        "pack": {"archive": False},
+        "pack": {"archive": True},
         **extra,
     }
     path.write_text(yaml.safe_dump(recipe))
@@ -33,10 +33,14 @@ def write_recipe(path, model, **extra):
 
 def test_full_run_then_cached_rerun(tiny_llama, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama)
-    summary = run_pipeline(recipe, tmp_path / "work", tmp_path / "final")
+    calls = []
+    summary = run_pipeline(recipe, tmp_path / "work", tmp_path / "final",
+                           progress=lambda done, total, label: calls.append((done, total, label)))
+    assert calls and all(isinstance(d, int) and isinstance(t, (int, type(None))) and isinstance(lbl, str)
+                         for d, t, lbl in calls)  # every stage reports (done, total, label)
     assert [s.stage for s in summary.stages] == ["calibrate", "quantize", "distill", "serve-test", "pack"]
     assert all(s.status == "ran" for s in summary.stages) and summary.passed
-    assert verify_artifact(tmp_path / "final").ok
+    assert verify_artifact(tmp_path / "final").ok and list(tmp_path.glob("final.tar*"))
     assert json.loads((tmp_path / "final" / "reports" / "serve-test.json").read_text())["speculative"]["greedy_equal_plain"]
     again = run_pipeline(recipe, tmp_path / "work")
     assert all(s.status == "cached" for s in again.stages)
@@ -91,3 +95,38 @@ def test_bad_recipes_and_options(tiny_llama, tmp_path):
 
     result = CliRunner().invoke(app, ["run", str(bad), "--work", str(tmp_path / "w")])
     assert result.exit_code == 1 and "unknown key b.yaml.distill.lossy" in result.output and "Traceback" not in result.output
+
+
+def test_sigterm_then_sigkill_in_quantize_resumes_at_quantize(tiny_llama, tmp_path):
+    """A real `inferkit run` process stopped by SIGTERM, then SIGKILL, while quantize is writing:
+    the rerun skips calibrate, redoes quantize and ends with the same weights and draft bytes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama)
+    straight = run_pipeline(recipe, tmp_path / "w1")
+    work = tmp_path / "w2"
+    env = {**os.environ, "INFERKIT_TEST_SLOW_QUANTIZE": "1"}  # quantize waits inside its temp folder
+    proc = subprocess.Popen([sys.executable, "-m", "inferkit", "run", str(recipe), "--work", str(work)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(work.glob(".quantize-*.tmp-*")):
+        time.sleep(0.2)
+    assert list(work.glob(".quantize-*.tmp-*")), "quantize never started"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert not list(work.glob("quantize-*"))  # nothing half-written looks finished
+    resumed = run_pipeline(recipe, work)
+    assert [s.status for s in resumed.stages] == ["cached", "ran", "ran", "ran", "ran"]
+    a = tmp_path / "w1" / straight.stages[-1].output.split("/")[-1]
+    b = work / resumed.stages[-1].output.split("/")[-1]
+    for name in DETERMINISTIC:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
