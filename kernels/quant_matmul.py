@@ -48,6 +48,24 @@ def _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, s
 
 
 @triton.jit
+def _k_range(K, pid_k, SPLIT_K: tl.constexpr, BK: tl.constexpr):
+    """The inputs [k_lo, k_hi) of split ``pid_k``, in whole tiles of BK."""
+    per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = pid_k * per_split
+    return k_lo, tl.minimum(k_lo + per_split, K)
+
+
+@triton.jit
+def _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS: tl.constexpr, BKW: tl.constexpr):
+    """The packed words [BN, BKW] holding inputs k0..k0+BKW*VALS, coalesced along K."""
+    offs_kw = k0 // VALS + tl.arange(0, BKW)
+    kw_mask = offs_kw < KW
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :],
+                    mask=n_mask[:, None] & kw_mask[None, :], other=0)
+    return offs_kw, kw_mask, words
+
+
+@triton.jit
 def _finish(acc, out_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, stride_sn,
             PER_CHANNEL: tl.constexpr, SPLIT_K: tl.constexpr):
     if PER_CHANNEL:
@@ -78,18 +96,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, G,
     n_mask = offs_n < N
     offs_m = tl.arange(0, BM)
     m_mask = offs_m < M
-    per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
-    k_lo = pid_k * per_split
-    k_hi = tl.minimum(k_lo + per_split, K)
+    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
     acc = tl.zeros([BM, BN], tl.float32)
     z_ch = 0.0
     if PER_CHANNEL and HAS_ZP:
         z_ch = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
     for k0 in range(k_lo, k_hi, BK):
-        offs_kw = k0 // VALS + tl.arange(0, BKW)
-        kw_mask = offs_kw < KW
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :],
-                        mask=n_mask[:, None] & kw_mask[None, :], other=0)
+        offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW)
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
@@ -130,18 +143,13 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, G,
     offs_m = pid_m * BM + tl.arange(0, BM)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
-    k_lo = pid_k * per_split
-    k_hi = tl.minimum(k_lo + per_split, K)
+    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
     acc = tl.zeros([BM, BN], tl.float32)
     if PER_CHANNEL:
         s = 1.0
         z = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None] if HAS_ZP else 0.0
     for k0 in range(k_lo, k_hi, BK):
-        offs_kw = k0 // VALS + tl.arange(0, BKW)
-        kw_mask = offs_kw < KW
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :],
-                        mask=n_mask[:, None] & kw_mask[None, :], other=0)
+        offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW)
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
