@@ -403,7 +403,7 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     student_module = _Student.make(model, d2t)  # a reduced head is always trained
     params = [p for p in student_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sample_gen = torch.Generator().manual_seed(cfg.seed + 2 + rank)
+    sample_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed + 2 + rank)  # where the student samples
     start_step, curve = 0, []
     if resume is not None:
         state_file = Path(resume) / "trainer.json"
