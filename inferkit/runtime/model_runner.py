@@ -68,22 +68,19 @@ class ModelRunner:
                 sample_rows.extend(range(row, row + n))
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=self.device), prefills=prefills,
                                  triton=self.triton)
-        if decode_rows and self.triton:
+        if decode_rows:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
+            meta.all_decode = len(decode_rows) == len(ids)
+        if decode_rows and self.triton:  # the kernel walks the block tables itself
             meta.decode_tables = torch.tensor(padded, dtype=torch.int32, device=self.device)
             meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int32, device=self.device)
             meta.max_decode_len = max(decode_lens)
-            meta.all_decode = len(decode_rows) == len(ids)
         elif decode_rows:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
             meta.decode_slots, meta.decode_mask = decode_slots(
                 torch.tensor(padded, dtype=torch.int64, device=self.device),
                 torch.tensor(decode_lens, dtype=torch.int64, device=self.device), bs, self.cache.zero_slot)
-            meta.all_decode = len(decode_rows) == len(ids)
         tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
         return tensor(ids), tensor(positions), meta, sample_rows
 
