@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from inferkit import __version__
-from inferkit.cli import calibrate, demo, distill, eval as eval_mod, models, pack, pending, quantize, run, sensitivity, serve_test, verify
+from inferkit.cli import calibrate, demo, distill, eval as eval_mod, models, pack, quantize, run, sensitivity, serve_test, verify
 
 app = typer.Typer(
     name="inferkit",
@@ -44,7 +44,6 @@ app.command("verify")(verify.verify)
 app.command("pack")(pack.pack)
 app.command("run")(run.run)
 app.add_typer(models.app, name="models")
-pending.register(app)
 
 
 def _sigterm(_signum, _frame):

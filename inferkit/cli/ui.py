@@ -19,7 +19,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_ERROR = 1
-EXIT_NOT_BUILT = 2
 EXIT_INTERRUPTED = 130
 
 

@@ -45,11 +45,11 @@ def read_draft_vocab(folder: Path, vocab_size: int) -> torch.Tensor | None:
     return d2t
 
 
-def accept_or_resample(p: torch.Tensor, q: torch.Tensor, drafts: list[int], generator: torch.Generator | None,
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor | None, drafts: list[int], generator: torch.Generator | None,
                        greedy: bool) -> list[int]:
     """Tokens to append given target probs ``p`` [k+1, V], draft probs ``q`` [k, V] and the
     ``k`` drafted tokens: the accepted drafts, then one token from the target (the correction at
-    the first rejection, or the bonus token after k acceptances)."""
+    the first rejection, or the bonus token after k acceptances). Greedy needs no ``q``."""
     out: list[int] = []
     for i, d in enumerate(drafts):
         if greedy:
@@ -146,7 +146,7 @@ class SpeculativeRunner:
                 del seq.token_ids[n:]  # the scheduler appends what is accepted
                 target = logits[row: row + item.num_spec + 1]
                 row += item.num_spec + 1
-                tokens = self._verify(seq, target, torch.stack(q[seq.seq_id]), drafts)
+                tokens = self._verify(seq, target, torch.stack(q[seq.seq_id]) if q[seq.seq_id] else None, drafts)
                 accepted = len(tokens) - 1
                 self.stats.record(len(drafts), accepted)
                 item.num_tokens = 1 + accepted  # the last token's and the accepted drafts' K/V are valid
@@ -168,23 +168,21 @@ class SpeculativeRunner:
         for i, item in enumerate(items):
             seq: Sequence = item.seq
             p = seq.params
-            if p.greedy:
+            if p.greedy:  # greedy verification compares argmaxes: no draft distribution is kept
                 choice = int(logits[i].argmax())
-                token = choice if self.d2t is None else int(self.d2t[choice])
-                probs = torch.zeros(self.vocab_size)
-                probs[token] = 1.0
+                seq.token_ids.append(choice if self.d2t is None else int(self.d2t[choice]))
+                continue
+            probs = filtered_probs(logits[i], p.temperature, p.top_k, p.top_p)
+            choice = int(torch.multinomial(probs, 1, generator=seq.generator))
+            if self.d2t is None:
+                token = choice
             else:
-                probs = filtered_probs(logits[i], p.temperature, p.top_k, p.top_p)
-                choice = int(torch.multinomial(probs, 1, generator=seq.generator))
-                if self.d2t is None:
-                    token = choice
-                else:
-                    token = int(self.d2t[choice])
-                    probs = torch.zeros(self.vocab_size).index_copy_(0, self.d2t, probs)
+                token = int(self.d2t[choice])
+                probs = torch.zeros(self.vocab_size).index_copy_(0, self.d2t, probs)
             q[seq.seq_id].append(probs)
             seq.token_ids.append(token)
 
-    def _verify(self, seq: Sequence, logits: torch.Tensor, q: torch.Tensor, drafts: list[int]) -> list[int]:
+    def _verify(self, seq: Sequence, logits: torch.Tensor, q: torch.Tensor | None, drafts: list[int]) -> list[int]:
         p = seq.params
         if p.greedy:
             probs = logits

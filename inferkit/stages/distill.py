@@ -196,37 +196,34 @@ def select_draft_vocab(counts, size: int, always: list[int] = ()):
     return order[:size].sort().values
 
 
-class _Student:
-    """Builds the module being trained: the HF model and, for a reduced draft vocabulary, its
-    own output head over the kept tokens (initialised from the full head's rows)."""
+def make_student(model, d2t):
+    """The module being trained: the HF model and, for a reduced draft vocabulary, its own
+    output head over the kept tokens (initialised from the full head's rows)."""
+    import inspect
 
-    @staticmethod
-    def make(model, d2t):
-        import torch
+    import torch
 
-        import inspect
+    CACHE_ARG = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-        CACHE_ARG = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    class Student(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.head = None
+            if d2t is not None:
+                rows = model.get_output_embeddings().weight.detach()[d2t].clone()
+                self.head = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+                self.head.weight.data.copy_(rows)
 
-        class Student(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-                self.head = None
-                if d2t is not None:
-                    rows = model.get_output_embeddings().weight.detach()[d2t].clone()
-                    self.head = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
-                    self.head.weight.data.copy_(rows)
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            # transformers renamed past_key_values to cache (5.2x): pass whichever it takes.
+            if self.head is None:
+                out = self.model(input_ids=input_ids, use_cache=use_cache, **{CACHE_ARG: past_key_values})
+                return out.logits, getattr(out, CACHE_ARG)
+            out = self.model.model(input_ids=input_ids, use_cache=use_cache, **{CACHE_ARG: past_key_values})
+            return self.head(out.last_hidden_state), getattr(out, CACHE_ARG)
 
-            def forward(self, input_ids, past_key_values=None, use_cache=False):
-                # transformers renamed past_key_values to cache (5.2x): pass whichever it takes.
-                if self.head is None:
-                    out = self.model(input_ids=input_ids, use_cache=use_cache, **{CACHE_ARG: past_key_values})
-                    return out.logits, getattr(out, CACHE_ARG)
-                out = self.model.model(input_ids=input_ids, use_cache=use_cache, **{CACHE_ARG: past_key_values})
-                return self.head(out.last_hidden_state), getattr(out, CACHE_ARG)
-
-        return Student()
+    return Student()
 
 
 def sample_continuation(student, d2t, prefix, num_tokens: int, generator):
@@ -310,9 +307,8 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     if cfg.batch_size % world:
         raise InferkitError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    if not main:
-        log = progress = None  # noqa: E731
-    log = log or (lambda msg: None)
+    if not main:  # the other processes stay quiet
+        log, progress = (lambda msg: None), None
     check_output_dir(out, overwrite or resume is not None)
     work = out.parent / f".{out.name}.partial"
     if main:
@@ -400,7 +396,7 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
         model.get_input_embeddings().weight.requires_grad_(False)
         if model.get_output_embeddings() is not None:
             model.get_output_embeddings().weight.requires_grad_(False)
-    student_module = _Student.make(model, d2t)  # a reduced head is always trained
+    student_module = make_student(model, d2t)  # a reduced head is always trained
     params = [p for p in student_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sample_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed + 2 + rank)  # where the student samples

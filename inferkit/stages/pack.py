@@ -36,10 +36,10 @@ def _source_bytes(manifest: dict) -> int | None:
     return sum(f.stat().st_size for f in files) if files and all(f.is_file() for f in files) else None
 
 
-def model_card(name: str, manifest: dict, files: dict, serve: dict | None, draft: dict | None) -> str:
+def model_card(name: str, manifest: dict, weights: int, serve: dict | None, draft: dict | None) -> str:
+    """The artifact's README.md; ``weights``: bytes of its model*.safetensors files."""
     layers = manifest.get("layers") or {}
     counts = Counter(layers.values())
-    weights = sum(v["bytes"] for k, v in files.items() if k.startswith("model") and k.endswith(".safetensors"))
     before = _source_bytes(manifest)
     recipe = manifest.get("recipe") or {}
     q = recipe.get("quantize") or {}
@@ -109,12 +109,12 @@ def pack(artifact: Path, out: Path, draft: Path | None = None, serve_test: Path 
             raise InferkitError(f"the draft's vocabulary has {d_cfg.get('vocab_size')} tokens, the model's "
                                 f"{config.get('vocab_size')}: a draft must share the model's tokenizer")
         distill = json.loads((draft / "distill.json").read_text()) if (draft / "distill.json").is_file() else {}
-        vocab = d_cfg.get("vocab_size")
-        if (draft / "draft_vocab.safetensors").is_file():
-            from safetensors import safe_open
+        from inferkit.runtime.speculative import read_draft_vocab
 
-            with safe_open(str(draft / "draft_vocab.safetensors"), framework="pt") as h:
-                vocab = f"{h.get_slice('d2t').get_shape()[0]} of {vocab} tokens"
+        vocab = d_cfg.get("vocab_size")
+        d2t = read_draft_vocab(draft, vocab)  # checked as the runtime will read it
+        if d2t is not None:
+            vocab = f"{len(d2t)} of {vocab} tokens"
         draft_info = {"layers": d_cfg.get("num_hidden_layers"), "vocabulary": vocab,
                       "acceptance_before": distill.get("acceptance_before"), "acceptance_after": distill.get("acceptance_after")}
     serve = None
@@ -144,9 +144,8 @@ def pack(artifact: Path, out: Path, draft: Path | None = None, serve_test: Path 
         for name in ("scan.json", "scan.png", "plan.json"):  # what quantize --target-bpw carried
             if (tmp / name).is_file() and not (tmp / "reports" / name).exists():
                 shutil.copy2(tmp / name, tmp / "reports" / name)
-        from inferkit.artifacts import hash_files
-
-        card = model_card(out.name, source, hash_files(tmp), serve, draft_info)
+        weights = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
+        card = model_card(out.name, source, weights, serve, draft_info)
         (tmp / "README.md").write_text(card)
         manifest = {key: value for key, value in source.items() if key not in ("files", "manifest_sha256")}
         manifest.update(stage="pack", quantize_manifest_sha256=source.get("manifest_sha256"),

@@ -111,7 +111,7 @@ def test_sample_continuation_matches_transformers_greedy_with_its_cache(tiny_mod
     temperature picks what generate() picks greedily."""
     from transformers import AutoModelForCausalLM
 
-    from inferkit.stages.distill import _Student, sample_continuation
+    from inferkit.stages.distill import make_student, sample_continuation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("t"), dtype=torch.float32)
     prefix = torch.tensor([[5, 9, 11, 40], [7, 7, 3, 100]])
@@ -126,10 +126,10 @@ def test_sample_continuation_matches_transformers_greedy_with_its_cache(tiny_mod
             logits, past = self.inner(ids, past_key_values=past_key_values, use_cache=use_cache)
             return logits * 1e4, past
 
-    got = sample_continuation(Sharp(_Student.make(model, None)), None, prefix, 6, torch.Generator().manual_seed(0))
+    got = sample_continuation(Sharp(make_student(model, None)), None, prefix, 6, torch.Generator().manual_seed(0))
     assert torch.equal(got, want)
     d2t = torch.arange(0, 384, 2)  # even ids only: every sampled token is an even target id
-    got = sample_continuation(_Student.make(model, d2t), d2t, prefix, 6, torch.Generator().manual_seed(0))
+    got = sample_continuation(make_student(model, d2t), d2t, prefix, 6, torch.Generator().manual_seed(0))
     assert got.shape == (2, 10) and bool((got[:, 4:] % 2 == 0).all())
 
 
