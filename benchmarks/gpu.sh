@@ -34,7 +34,7 @@ if [[ $PARTS == *tests* ]]; then
 fi
 # 2. Kernel benchmarks and end-to-end decode on a Llama-1B-shaped model.
 if [[ $PARTS == *kernels* ]]; then
-  timeout 220 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
+  timeout 280 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_kernels.log" | grep -v "^attention {\|^matmul {"
 fi
 # 3. The runtime on the demo's shape (fp32, bf16, W8, W4): the issue-4 benchmark, now on the Triton kernels.

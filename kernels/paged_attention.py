@@ -28,7 +28,7 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_kblock, stride_kslot, stride_khead, stride_tb,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MULTI: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -69,7 +69,7 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not MULTI:
         o = acc / l_i[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -82,14 +82,14 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_kernel(part_ptr, ml_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
-                  stride_ob, stride_oh,
-                  NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+def _merge_kernel(part_ptr, ml_ptr, out_ptr, num_splits, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh,
+                  stride_ms, stride_ob, stride_oh,
+                  S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
     ml = ml_ptr + b * stride_mb + h * stride_mh + offs_s * stride_ms
     m = tl.load(ml, mask=s_mask, other=float("-inf"))
@@ -104,19 +104,24 @@ def _merge_kernel(part_ptr, ml_ptr, out_ptr, stride_pb, stride_ph, stride_ps, st
 
 def num_splits_for(batch: int, num_kv_heads: int, max_context: int, block_n: int = 64, target_programs: int = 264) -> int:
     """Enough splits that batch x KV heads x splits fills the GPU (~2 programs per SM on an
-    H100), none shorter than one tile: a heuristic, also fixed per batch size under CUDA graphs."""
+    H100), none shorter than one tile; a power of two, so that as contexts grow the count takes
+    a handful of values (the split count is a launch parameter, but the merge kernel compiles
+    once per padded count). Also fixed per batch size under CUDA graphs."""
     want = max(1, -(-target_programs // (batch * num_kv_heads)))
-    return max(1, min(want, -(-max_context // block_n), 64))
+    splits = max(1, min(want, -(-max_context // block_n), 64))
+    return 1 << (splits.bit_length() - 1)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           max_context: int, num_splits: int | None = None, block_n: int = 64,
+                           max_context: int, num_splits: int | None = None, block_n: int | None = None,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [B, max_blocks] int32;
     context_lens [B] int32 (each >= 1); ``max_context`` bounds the lengths (no device sync).
-    Returns [B, H, D] in q's dtype."""
+    Returns [B, H, D] in q's dtype. ``block_n``: tokens per step, 64 (32 for float32 with heads
+    over 64 wide, whose 64-token tiles spill registers on sm_90)."""
     batch, num_heads, head_dim = q.shape
+    block_n = block_n or (32 if q.dtype == torch.float32 and head_dim > 64 else 64)
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     group = num_heads // num_kv_heads
@@ -138,14 +143,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), *s_p, *s_m,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=splits,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MULTI=splits > 1,
         IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
         num_warps=4, num_stages=2,
     )
     if splits > 1:
         _merge_kernel[(batch, num_heads)](
-            part, ml, out, *part.stride()[:3], *ml.stride()[:3], out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad,
+            part, ml, out, splits, *part.stride()[:3], *ml.stride()[:3], out.stride(0), out.stride(1),
+            S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad,
             num_warps=4,
         )
     return out

@@ -66,26 +66,78 @@ def _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS: tl.constexpr, BK
 
 
 @triton.jit
-def _finish(acc, out_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, stride_sn,
-            PER_CHANNEL: tl.constexpr, SPLIT_K: tl.constexpr):
+def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
+            tile, pid_k, BM: tl.constexpr, BN: tl.constexpr, PER_CHANNEL: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the tile. Split K: each split writes its float32 partial to the workspace and counts
+    itself in on the tile's counter; the last one in adds the SPLIT_K partials in split order
+    (deterministic: the same bits whichever split finishes last), stores, and resets the counter
+    to zero for the next call. No zeroing or casting kernel around the matmul."""
     if PER_CHANNEL:
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0).to(tl.float32)[None, :]
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(ptrs, acc, mask=mask)
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the count (release)
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BM, BN], tl.float32)
+            for k in tl.static_range(SPLIT_K):
+                total += tl.load(ws + k * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, G,
+def _field(src, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr):
+    """Value ``j`` of each word as the float ``q - offset``, from ``src``: the word for the lower
+    half of its values, the word shifted down 16 bits for the upper. No int-to-float conversion
+    (a quarter-rate instruction): the field, at bit ``sh = BITS * (j % HALF)``, ORed into the
+    mantissa of 2**23 reads as ``2**23 + v * 2**sh``; one multiply-add by ``2**-sh`` and
+    ``-(2**(23 - sh) + offset)`` leaves ``v - offset`` exactly (every step is exact in float32)."""
+    bits = ((src & (MASK << (BITS * (j % HALF)))) | 0x4B000000).to(tl.float32, bitcast=True)
+    if j % HALF == 0:
+        return bits - (8388608.0 + OFF)
+    return tl.fma(bits, 1.0 / (1 << (BITS * (j % HALF))), -((1 << (23 - BITS * (j % HALF))) + OFF))
+
+
+@triton.jit
+def _columns(xv, VALS: tl.constexpr):
+    """The VALS columns of [R, VALS] as a tuple of [R] vectors (register splits, no shuffles)."""
+    if VALS == 8:
+        a, b = tl.split(tl.reshape(xv, [xv.shape[0], 4, 2]))  # even / odd columns
+        a0, a1 = tl.split(tl.reshape(a, [xv.shape[0], 2, 2]))  # 0, 4 / 2, 6
+        b0, b1 = tl.split(tl.reshape(b, [xv.shape[0], 2, 2]))  # 1, 5 / 3, 7
+        c0, c4 = tl.split(a0)
+        c2, c6 = tl.split(a1)
+        c1, c5 = tl.split(b0)
+        c3, c7 = tl.split(b1)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+    else:
+        a, b = tl.split(tl.reshape(xv, [xv.shape[0], 2, 2]))  # 0, 2 / 1, 3
+        c0, c2 = tl.split(a)
+        c1, c3 = tl.split(b)
+        return c0, c1, c2, c3
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     """Works on the packed words in place: value j of every word meets input ``VALS*w + j``, so
-    no unpacked tile is ever laid out; sum_j (q - offset - zero) x_j = sum_j q x_j - (offset + zero) sum_j x_j."""
+    no unpacked tile is ever laid out.
+
+    Each value becomes a float without an int-to-float conversion (a quarter-rate instruction):
+    a masked field ORed into the mantissa of 2**23 reads as ``2**23 + v * 2**sh``, and one
+    subtraction of ``2**23 + offset * 2**sh`` leaves ``(q - offset) * 2**sh`` exactly; the input
+    it meets is pre-multiplied by ``2**-sh`` (exact). The upper half-word is shifted down once
+    so every field sits below bit 16. Per value: one AND-OR, one subtraction, one multiply-add."""
     VALS: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = VALS // 2
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -101,31 +153,41 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, G,
     z_ch = 0.0
     if PER_CHANNEL and HAS_ZP:
         z_ch = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
+    # Software pipelining by hand: the next tile's words are in flight while this one is used.
+    offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k_lo, KW, stride_wn, VALS, BKW)
     for k0 in range(k_lo, k_hi, BK):
-        offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW)
+        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k0 + BK < k_hi), k0 + BK, KW, stride_wn, VALS, BKW)
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
+        hi = words >> 16
         for m in tl.static_range(BM):
-            row_ok = tl.full([BKW], m, tl.int32) < M
-            t = tl.zeros([BN, BKW], tl.float32)
-            xsum = tl.zeros([BKW], tl.float32)
-            for j in tl.static_range(VALS):
-                xj = tl.load(x_ptr + m * stride_xm + offs_kw * VALS + j, mask=kw_mask & row_ok, other=0).to(tl.float32)
-                t += ((words >> (j * BITS)) & MASK).to(tl.float32) * xj[None, :]
-                xsum += xj
+            row_ok = tl.full([BKW, VALS], m, tl.int32) < M
+            xv = tl.load(x_ptr + m * stride_xm + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :],
+                         mask=kw_mask[:, None] & row_ok, other=0).to(tl.float32)  # [BKW, VALS], 16-byte loads
+            xs = _columns(xv, VALS)
+            t = _field(words, 0, BITS, HALF, MASK, OFF) * xs[0][None, :]
+            for j in tl.static_range(1, VALS):
+                t = tl.fma(_field(words if j < HALF else hi, j, BITS, HALF, MASK, OFF), xs[j][None, :], t)
+            xsum = tl.sum(xv, 1)
             if PER_CHANNEL:
-                part = tl.sum(t, 1) - (OFF + z_ch) * tl.sum(xsum, 0)
+                part = tl.sum(t, 1)
+                if HAS_ZP:
+                    part -= z_ch * tl.sum(xsum, 0)
             elif ONE_GROUP:
-                part = tl.sum(t, 1) * tl.reshape(s, [BN]) - tl.reshape((OFF + z) * s, [BN]) * tl.sum(xsum, 0)
+                part = tl.sum(t, 1) * tl.reshape(s, [BN])
+                if HAS_ZP:
+                    part -= tl.reshape(z * s, [BN]) * tl.sum(xsum, 0)
             else:
-                part = tl.sum(s * (t - (OFF + z) * xsum[None, :]), 1)
+                part = tl.sum(s * (t - z * xsum[None, :]), 1) if HAS_ZP else tl.sum(s * t, 1)
             acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
-    _finish(acc, out_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, stride_sn, PER_CHANNEL, SPLIT_K)
+        offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
+            pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K)
 
 
 @triton.jit
-def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, G,
+def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
@@ -153,18 +215,35 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, KW, G,
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
+        hi = words >> 16
         for j in tl.static_range(VALS):
-            w = (((words >> (j * BITS)) & MASK).to(tl.float32) - OFF - z) * s  # [BN, BKW]
+            w = (_field(words if j < VALS // 2 else hi, j, BITS, VALS // 2, MASK, OFF) - z) * s  # [BN, BKW]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_kw * VALS + j)[None, :],
                         mask=m_mask[:, None] & kw_mask[None, :], other=0)
             if IEEE:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(x, tl.trans(w).to(x.dtype))
-    _finish(acc, out_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, stride_om, stride_sn, PER_CHANNEL, SPLIT_K)
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
+            pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K)
 
 
 _SM_COUNT: dict = {}
+_COUNTERS: dict = {}
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    """float32 products in the MMA kernel: float32 inputs, or bf16 in the interpreter (whose bf16 dot is wrong)."""
+    return x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Split-K arrival counters, one per output tile, zero at rest (the last split of a tile resets
+    its counter). Allocated once per device, outside any CUDA graph capture (the runtime's warm-up
+    passes run first). Kernels on one stream only: concurrent streams would share the counters."""
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -176,16 +255,38 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int = 4) -> dict:
-    """Tile sizes and split-K for a problem: a heuristic from the H100 sweep of
-    benchmarks/gpu_kernels.py (batch 1: BN 64, BK 512; split K until the tiles cover the SMs)."""
-    gemv = M <= 4
-    bn = 64 if gemv or M <= 32 else 128
-    bk = (512 if K >= 2048 else 256) if gemv else 16 * (32 // bits)  # MMA: >= 16 words per dot
-    tiles = -(-N // bn) * (1 if gemv else -(-M // (16 if M <= 16 else 32 if M <= 32 else 64)))
+    """Tile sizes and split-K for a problem (a heuristic; ``config=`` overrides it).
+
+    1-4 rows (the GEMV kernel): a tile spans one quantization group along K when groups are
+    64-512 inputs (one scale per row per tile), 256 inputs per channel, 128 otherwise. Each
+    thread loads 16-byte pieces of 4 words, so ``BK / 32`` threads share a row; BN gives every
+    thread 4 rows (the inputs it loads and converts serve 4 rows). K is then split until there
+    are about four programs per SM, for enough loads in flight: a decode GEMV is bound by memory
+    once the unpacking is cheap (``python -m inferkit.kernels.sass`` shows the instruction mix).
+    More rows (the MMA kernel): BN 64/128, 16 words per dot; up to 32 rows, split K until the
+    tiles cover the SMs."""
+    vals = 32 // bits
+    sms = _sm_count(device)
+    per_channel = group_size >= K
+    if M <= 4:
+        warps = 4
+        bk = 256 if per_channel else group_size if 64 <= group_size <= 512 and group_size & (group_size - 1) == 0 else 128
+        bk = min(bk, max(vals * 4, triton.next_power_of_2(K)))
+        threads_per_row = max(1, bk // vals // 4)
+        bn = min(256, 4 * 32 * warps // threads_per_row)
+        bn = max(16, min(bn, triton.next_power_of_2(N)))
+        tiles, want = -(-N // bn), 4 * sms
+    else:
+        warps = 4
+        bn = 64 if M <= 32 else 128
+        bk = 16 * vals  # >= 16 words per MMA step
+        # Above 32 rows, no split: mixed prefill/decode steps bring every row count, and each
+        # (rows tile, split) pair is a separate compile
+        tiles, want = -(-N // bn) * -(-M // (16 if M <= 16 else 32)), int(0.9 * sms) if M <= 32 else 0
     split = 1
-    while tiles * split < 0.9 * _sm_count(device) and split < 4 and K // (bk * split * 2) >= 2:
+    while tiles * split < want and split < 8 and K // (bk * split * 2) >= 2:
         split *= 2
-    return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": 4}
+    return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps}
 
 
 def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -207,23 +308,23 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     cfg = {**pick_config(M, N, K, group, x.device, bits), **(config or {})}
     assert cfg["BK"] // vals >= (16 if M > 4 else 1), "BK too small for the MMA kernel"
     split = cfg["SPLIT_K"]
-    out = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split > 1 else \
-        torch.empty((M, N), dtype=x.dtype, device=x.device)
+    bm = triton.next_power_of_2(M) if M <= 4 else 16 if M <= 16 else 32 if M <= 32 or _ieee(x) else 64
+    bn = cfg["BN"] if M <= 4 or not _ieee(x) else min(cfg["BN"], 64)  # float32 tiles: keep shared memory small
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    counters = _counters(x.device) if split > 1 else None
+    if split > 1 and grid[0] * grid[1] > counters.numel():
+        split, grid, counters = 1, grid[:2] + (1,), None
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     z = zero_point if zero_point is not None else scale
     common = dict(BITS=bits, GROUP=group, HAS_ZP=zero_point is not None, PER_CHANNEL=per_channel,
-                  BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=split, num_warps=cfg["num_warps"])
-    args = (x, w_packed, scale, z, out, M, N, K, KW, G, x.stride(0), w_packed.stride(0), scale.stride(0),
-            z.stride(0), out.stride(0))
+                  BM=bm, BN=bn, BK=cfg["BK"], SPLIT_K=split, num_warps=cfg["num_warps"])
+    args = (x, w_packed, scale, z, out, ws, counters if counters is not None else out, M, N, K, KW, G,
+            x.stride(0), w_packed.stride(0), scale.stride(0), z.stride(0), out.stride(0))
     if M <= 4:
-        _gemv_kernel[(triton.cdiv(N, cfg["BN"]), split)](*args, BM=triton.next_power_of_2(M), **common)
+        _gemv_kernel[(grid[0], split)](*args, **common)
     else:
-        ieee = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
-        bm = 16 if M <= 16 else 32 if M <= 32 or ieee else 64  # float32 tiles: keep shared memory small
-        if ieee:
-            common["BN"] = min(common["BN"], 64)
-        _mma_kernel[(triton.cdiv(N, common["BN"]), triton.cdiv(M, bm), split)](*args, BM=bm, IEEE=ieee, num_stages=2,
-                                                                                **common)
-    out = out.to(x.dtype) if split > 1 else out
+        _mma_kernel[grid](*args, IEEE=_ieee(x), num_stages=2, **common)
     return out if bias is None else out + bias
 
 

@@ -120,16 +120,64 @@ def test_quant_matmul_bias_larger_batch_and_a_non_power_of_two_input():
     assert rel_err(quant_matmul(x, w, s, z, 8, None), reference_quant_matmul(x, w, s, z, 8, None)) < 1e-5
 
 
-def test_config_heuristic_splits_k_only_when_the_output_is_small(monkeypatch):
+def test_config_heuristic(monkeypatch):
     cuda = torch.device("cuda")
     from inferkit.kernels import quant_matmul as qm
 
     monkeypatch.setitem(qm._SM_COUNT, cuda, 132)  # an H100
-    assert pick_config(1, 4096, 14336, 128, cuda)["SPLIT_K"] == 2  # 64 output tiles: split K
-    assert pick_config(1, 14336, 4096, 128, cuda)["SPLIT_K"] == 1  # 224 tiles already cover 132 SMs
-    assert pick_config(256, 14336, 4096, 128, cuda)["SPLIT_K"] == 1  # 448 tiles fill it
+    # decode: a tile is one group along K, 4 rows per thread, K split to ~4 programs per SM
+    assert pick_config(1, 14336, 4096, 128, cuda) == {"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 4}
+    assert pick_config(1, 576, 576, 64, cuda) == {"BN": 256, "BK": 64, "SPLIT_K": 4, "num_warps": 4}
+    assert pick_config(1, 4096, 4096, 4096, cuda)["BK"] == 256  # per channel
+    assert pick_config(1, 128256, 2048, 128, cuda)["SPLIT_K"] == 1  # a vocabulary head fills the GPU alone
+    assert pick_config(256, 14336, 4096, 128, cuda)["SPLIT_K"] == 1  # 448 MMA tiles fill it
     assert pick_config(8, 576, 576, 32, cuda, bits=4)["BK"] == 128  # 16 words per MMA step
     assert pick_config(8, 576, 576, 32, cuda, bits=8)["BK"] == 64
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M", [1, 6])
+def test_every_value_position_converts_exactly(bits, M):
+    """One-hot inputs pick single weights: the output is exactly (q - zero) * scale, for every
+    position in the word (incl. the top field with the sign bit) and every code."""
+    vals, K, N = 32 // bits, 64, 2 ** bits
+    q = (torch.arange(N)[:, None] + torch.arange(K)[None, :]) % N - N // 2  # every code at every position
+    scale = torch.full((N, K // 32), 0.5)
+    zero = torch.randint(-3, 4, (N, K // 32), generator=torch.Generator().manual_seed(0)).float()
+    w = pack_int32(q, bits, dim=1).to(DEVICE)
+    for k0 in range(0, vals * 2, M):
+        x = torch.zeros(M, K)
+        for r in range(M):
+            x[r, (k0 + r) % K] = 1.0
+        out = quant_matmul(x.to(DEVICE), w, scale.to(DEVICE), zero.to(DEVICE), bits, 32).cpu()
+        for r in range(M):
+            k = (k0 + r) % K
+            assert torch.equal(out[r], (q[:, k].float() - zero[:, k // 32]) * 0.5), (bits, k)
+
+
+@pytest.mark.parametrize("M", [1, 7])
+def test_split_k_is_deterministic_and_resets_its_counters(M):
+    """The last split of each tile adds the partials in split order: the same bits every call
+    and whichever split finishes last; the arrival counters are back to zero afterwards."""
+    from inferkit.kernels import quant_matmul as qm
+
+    x, w, s, z = quant_case(M, 80, 1024, 4, 64, True, torch.float32, seed=9)
+    cfg = {"BN": 16, "BK": 64 if M == 1 else 128, "SPLIT_K": 4}
+    first = quant_matmul(x, w, s, z, 4, 64, config=cfg)
+    assert torch.equal(first, quant_matmul(x, w, s, z, 4, 64, config=cfg))
+    assert int(qm._counters(x.device).abs().sum()) == 0
+    assert rel_err(first, reference_quant_matmul(x, w, s, z, 4, 64)) < 1e-5
+    one = quant_matmul(x, w, s, z, 4, 64, config={**cfg, "SPLIT_K": 1})
+    assert rel_err(first, one) < 1e-6
+
+
+def test_attention_split_counts_are_powers_of_two():
+    """The split count follows the context length; powers of two keep the merge kernel's
+    compiled variants to a handful as contexts grow (a recompile costs ~1 s mid-decode)."""
+    from inferkit.kernels.paged_attention import num_splits_for
+
+    seen = {num_splits_for(b, h, ctx) for b in (1, 3, 8, 64) for h in (1, 3, 8) for ctx in range(1, 5000, 7)}
+    assert seen <= {1, 2, 4, 8, 16, 32, 64} and len(seen) >= 5
 
 
 # -- the runtime with the Triton backends ------------------------------------------------------

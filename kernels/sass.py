@@ -1,0 +1,207 @@
+"""Compile a kernel for a GPU that is not here, and read its machine code.
+
+Triton ships ``ptxas`` and ``nvdisasm``, so a kernel compiles for Hopper (sm_90) on a machine
+without a GPU or a CUDA driver. What the compiler made can then be checked in CI: that it
+compiles at all (the interpreter accepts code the compiler rejects), its registers and spills,
+and the instruction mix of its hot loop (e.g. no quarter-rate int-to-float conversion per weight).
+
+    python -m inferkit.kernels.sass [--json]   # the kernels at the benchmark's shapes
+
+Integer arguments are compiled as the launcher specialises them on a GPU: pointers, sizes and
+strides divisible by 16 (as they are for the shapes listed), nothing equal to 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import triton
+
+# Per-SM issue throughput on Hopper (results per clock, CUDA C++ Programming Guide, cc 9.0).
+THROUGHPUT = {"FFMA": 128, "FADD": 128, "FMUL": 128, "HFMA2": 128, "HADD2": 128, "HMUL2": 128,
+              "I2F": 16, "I2FP": 16, "F2I": 16, "F2F": 16, "F2FP": 16, "SHFL": 32, "LDG": 32, "LDS": 32, "STS": 32}
+
+
+@dataclass
+class Compiled:
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    loop: collections.Counter = field(default_factory=collections.Counter)  # opcode -> count, hot loop
+    all: collections.Counter = field(default_factory=collections.Counter)
+
+    def per_item(self, items: float) -> float:
+        """Instructions per item (e.g. per weight per thread) in the hot loop."""
+        return sum(self.loop.values()) / items
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_for(fn, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 3,
+                divisible: tuple[str, ...] = (), arch: int = 90):
+    """The compiled kernel for ``sm_<arch>``; ``signature`` maps argument names to Triton types
+    ("*bf16", "i32", ...); ``divisible`` names integer arguments to specialise as multiples of 16."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n in divisible}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _opcodes(lines: list[str]) -> collections.Counter:
+    counts = collections.Counter()
+    for line in lines:
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            counts[m.group(1)] += 1
+    return counts
+
+
+def inspect(kernel) -> Compiled:
+    """Registers, spills and the instruction mix of the longest backward-branch loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    num = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else 0  # noqa: E731
+    lines = text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    loop = None
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i and (loop is None or i - labels[m.group(1)] > loop[1] - loop[0]):
+            loop = (labels[m.group(1)], i)
+    body = lines[loop[0]:loop[1] + 1] if loop else []
+    return Compiled(num("REG"), num("STACK") + num("LOCAL"), num("SHARED"), _opcodes(body), _opcodes(lines))
+
+
+GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16",
+            "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KW": "i32", "G": "i32",
+            "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_zn": "i32", "stride_om": "i32"}
+GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_om")
+
+
+def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, BK: int = 128, split: int = 1,
+                        num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False):
+    """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations)."""
+    from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel
+
+    consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, BN=BN, BK=BK, SPLIT_K=split)
+    if M <= 4:
+        return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M)},
+                           num_warps=num_warps, divisible=GEMV_DIVISIBLE)
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    return compile_for(_mma_kernel, GEMV_SIG, {**consts, "BM": bm, "IEEE": mma_ieee}, num_warps=num_warps,
+                       num_stages=2, divisible=GEMV_DIVISIBLE)
+
+
+ATTN_SIG = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "tables_ptr": "*i32", "lens_ptr": "*i32",
+            "out_ptr": "*bf16", "part_ptr": "*fp32", "ml_ptr": "*fp32", "scale": "fp32", "tokens_per_split": "i32",
+            **{f"stride_{n}": "i32" for n in ("qb", "qh", "kblock", "kslot", "khead", "tb", "ob", "oh", "pb", "ph", "ps",
+                                              "mb", "mh", "ms")}}
+
+
+def paged_attention_kernels(dtype: str = "bf16", group: int = 4, head_dim: int = 128, block_size: int = 16,
+                            block_n: int | None = None):
+    """The decode split kernel and the merge kernel as ``paged_decode_attention`` launches them."""
+    from inferkit.kernels.paged_attention import _decode_split_kernel, _merge_kernel
+
+    block_n = block_n or (32 if dtype == "fp32" and head_dim > 64 else 64)  # as the launcher picks
+    sig = {k: (f"*{dtype}" if v == "*bf16" else v) for k, v in ATTN_SIG.items()}
+    strides = tuple(k for k in sig if k.startswith("stride_") or k == "tokens_per_split")
+    split = compile_for(_decode_split_kernel, sig, dict(
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n, MULTI=True,
+        IEEE=dtype == "fp32"), num_stages=2, divisible=strides)
+    msig = {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": f"*{dtype}", "num_splits": "i32",
+            **{f"stride_{n}": "i32" for n in ("pb", "ph", "ps", "mb", "mh", "ms", "ob", "oh")}}
+    merge = compile_for(_merge_kernel, msig, dict(S_PAD=16, HEAD_DIM=head_dim,
+                                                  D_PAD=max(16, triton.next_power_of_2(head_dim))))
+    return split, merge
+
+
+def report() -> list[dict]:
+    """Every kernel as the launchers compile it for an H100: the benchmark's matmul shapes at
+    1/8/32 rows (tiles as ``pick_config`` picks them), decode GEMVs with zero points and small
+    groups, a float32 MMA, and paged attention in each dtype."""
+    import torch
+
+    from inferkit.kernels import quant_matmul as qm
+
+    cuda = torch.device("cuda")
+    qm._SM_COUNT.setdefault(cuda, 132)  # an H100 SXM, for the heuristic's split-K
+    cases = [dict(K=K, N=N, M=M, group=128, zp=False) for K, N in ((4096, 4096), (4096, 14336), (14336, 4096))
+             for M in (1, 8, 32)]
+    cases += [dict(K=1536, N=576, M=1, group=64, zp=True), dict(K=4096, N=4096, M=3, group=32, zp=True),
+              dict(K=4096, N=4096, M=4, group=128, zp=False), dict(K=4096, N=4096, M=20, group=128, zp=False, ieee=True)]
+    rows = []
+    for case in cases:
+        cfg = qm.pick_config(case["M"], case["N"], case["K"], case["group"], cuda)
+        c = inspect(quant_matmul_kernel(case["M"], group=case["group"], BN=cfg["BN"], BK=cfg["BK"], split=cfg["SPLIT_K"],
+                                        num_warps=cfg["num_warps"], zero_points=case["zp"],
+                                        mma_ieee=case.get("ieee", False)))
+        kind = "gemv" if case["M"] <= 4 else "mma"
+        weights = cfg["BN"] * cfg["BK"] / (32 * cfg["num_warps"])  # per thread per loop iteration
+        rows.append({"kernel": kind, **case, "config": cfg, "registers": c.registers, "spill_bytes": c.spill_bytes,
+                     "loop": dict(c.loop), "all": dict(c.all), "weights_per_thread": weights,
+                     "loop_per_weight": c.per_item(weights)})
+    for dtype in ("bf16", "fp16", "fp32"):
+        split, merge = paged_attention_kernels(dtype)
+        for name, kernel in (("attention-split", split), ("attention-merge", merge)):
+            c = inspect(kernel)
+            rows.append({"kernel": name, "dtype": dtype, "registers": c.registers, "spill_bytes": c.spill_bytes,
+                         "loop": dict(c.loop), "all": dict(c.all)})
+    return rows
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    rows = report()
+    if parser.parse_args().json:
+        print(json.dumps(rows))
+        return
+    table = Table(title="Kernels compiled for sm_90 (bf16 activations unless noted), tiles as quant_matmul picks "
+                        "them for an H100; hot loop per thread")
+    for col in ("kernel", "shape", "tile", "regs", "spill B", "loop instr", "per weight", "I2F", "top opcodes"):
+        table.add_column(col)
+    for r in rows:
+        loop = collections.Counter(r["loop"])
+        top = " ".join(f"{op}:{n}" for op, n in loop.most_common(6))
+        if r["kernel"] in ("gemv", "mma"):
+            cfg = r["config"]
+            name = f"{r['kernel']} M{r['M']}" + (" zp" if r["zp"] else "") + (" fp32" if r.get("ieee") else "")
+            table.add_row(name, f"{r['K']}x{r['N']} g{r['group']}",
+                          f"{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} split {cfg['SPLIT_K']}", str(r["registers"]),
+                          str(r["spill_bytes"]), str(sum(loop.values())), f"{r['loop_per_weight']:.2f}",
+                          str(loop["I2F"] + loop["I2FP"]), top)
+        else:
+            table.add_row(f"{r['kernel']} {r['dtype']}", "32/8 heads, dim 128", "", str(r["registers"]),
+                          str(r["spill_bytes"]), str(sum(loop.values())), "", "", top)
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Kernel behaviour only a GPU shows (skipped without CUDA): how many variants get compiled as
+a decode goes on (each compile stalls a step for about a second)."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def compiled_variants(fn) -> int | None:
+    caches = getattr(fn, "device_caches", None)  # Triton 3.x: device -> (kernel cache, ...)
+    if not caches:
+        return None
+    return sum(len(v[0]) for v in caches.values() if isinstance(v, tuple) and isinstance(v[0], dict))
+
+
+def test_growing_contexts_compile_a_handful_of_attention_variants():
+    from inferkit.kernels.paged_attention import _decode_split_kernel, _merge_kernel, paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kc = torch.randn(200, 16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn_like(kc)
+    for batch in (1, 3):
+        q = torch.randn(batch, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        tables = torch.randint(0, 200, (batch, 128), device="cuda", dtype=torch.int32, generator=g)
+        for ctx in range(1, 2048, 9):
+            lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+            paged_decode_attention(q, kc, vc, tables, lens, 0.125, ctx)
+    torch.cuda.synchronize()
+    split, merge = compiled_variants(_decode_split_kernel), compiled_variants(_merge_kernel)
+    if split is None or merge is None:
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    assert split <= 4 and merge <= 8, (split, merge)  # one / several splits; powers of two
+
+
+def test_quant_matmul_variants_stay_bounded_across_row_counts():
+    """A mixed prefill/decode step can have any number of rows: the compiled variants per
+    layer shape stay a handful (rows tile x split), not one per row count."""
+    from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel, quant_matmul
+    from inferkit.quant.pack import pack_int32
+
+    g = torch.Generator().manual_seed(0)
+    w = pack_int32(torch.randint(-8, 8, (576, 1536), generator=g), 4, dim=1).cuda()
+    s = (torch.rand(576, 1536 // 64, generator=g) * 0.01).to(torch.bfloat16).cuda()
+    before = (compiled_variants(_gemv_kernel) or 0) + (compiled_variants(_mma_kernel) or 0)
+    for m in range(1, 300, 7):
+        quant_matmul(torch.randn(m, 1536, device="cuda", dtype=torch.bfloat16), w, s, None, 4, 64)
+    torch.cuda.synchronize()
+    after = compiled_variants(_gemv_kernel)
+    if after is None:
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    assert after + compiled_variants(_mma_kernel) - before <= 12
