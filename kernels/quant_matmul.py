@@ -93,15 +93,22 @@ def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask
 
 @triton.jit
 def _field(src, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr):
-    """Value ``j`` of each word as the float ``q - offset``, from ``src``: the word for the lower
-    half of its values, the word shifted down 16 bits for the upper. No int-to-float conversion
-    (a quarter-rate instruction): the field, at bit ``sh = BITS * (j % HALF)``, ORed into the
-    mantissa of 2**23 reads as ``2**23 + v * 2**sh``; one multiply-add by ``2**-sh`` and
-    ``-(2**(23 - sh) + offset)`` leaves ``v - offset`` exactly (every step is exact in float32)."""
-    bits = ((src & (MASK << (BITS * (j % HALF)))) | 0x4B000000).to(tl.float32, bitcast=True)
+    """Value ``j`` of each word as the float ``q - offset``, without an int-to-float conversion
+    (a quarter-rate instruction). ``src`` is the word ORed with the exponent bits of 2**23
+    (``0x4B000000``; for the upper half of the values, the word shifted down 16 bits first):
+    ANDing it with the field's mask plus those bits gives 2**23 + v * 2**sh (``sh = BITS * (j %
+    HALF)``, the field's position) in one instruction with one constant, and one multiply-add by
+    ``2**-sh`` and ``-(2**(23 - sh) + offset)`` leaves ``v - offset`` exactly."""
+    bits = (src & ((MASK << (BITS * (j % HALF))) | 0x4B000000)).to(tl.float32, bitcast=True)
     if j % HALF == 0:
         return bits - (8388608.0 + OFF)
     return tl.fma(bits, 1.0 / (1 << (BITS * (j % HALF))), -((1 << (23 - BITS * (j % HALF))) + OFF))
+
+
+@triton.jit
+def _exponent_words(words):
+    """The words and their upper halves, each ORed with the exponent bits of 2**23 (see _field)."""
+    return words | 0x4B000000, (words >> 16) | 0x4B000000
 
 
 @triton.jit
@@ -160,15 +167,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
-        hi = words >> 16
+        lo, hi = _exponent_words(words)
         for m in tl.static_range(BM):
             row_ok = tl.full([BKW, VALS], m, tl.int32) < M
             xv = tl.load(x_ptr + m * stride_xm + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :],
                          mask=kw_mask[:, None] & row_ok, other=0).to(tl.float32)  # [BKW, VALS], 16-byte loads
             xs = _columns(xv, VALS)
-            t = _field(words, 0, BITS, HALF, MASK, OFF) * xs[0][None, :]
+            t = _field(lo, 0, BITS, HALF, MASK, OFF) * xs[0][None, :]
             for j in tl.static_range(1, VALS):
-                t = tl.fma(_field(words if j < HALF else hi, j, BITS, HALF, MASK, OFF), xs[j][None, :], t)
+                t = tl.fma(_field(lo if j < HALF else hi, j, BITS, HALF, MASK, OFF), xs[j][None, :], t)
             xsum = tl.sum(xv, 1)
             if PER_CHANNEL:
                 part = tl.sum(t, 1)
@@ -215,9 +222,9 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
-        hi = words >> 16
+        lo, hi = _exponent_words(words)
         for j in tl.static_range(VALS):
-            w = (_field(words if j < VALS // 2 else hi, j, BITS, VALS // 2, MASK, OFF) - z) * s  # [BN, BKW]
+            w = (_field(lo if j < VALS // 2 else hi, j, BITS, VALS // 2, MASK, OFF) - z) * s  # [BN, BKW]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_kw * VALS + j)[None, :],
                         mask=m_mask[:, None] & kw_mask[None, :], other=0)
             if IEEE:
@@ -260,7 +267,8 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     1-4 rows (the GEMV kernel): a tile spans one quantization group along K when groups are
     64-512 inputs (one scale per row per tile), 256 inputs per channel, 128 otherwise. Each
     thread loads 16-byte pieces of 4 words, so ``BK / 32`` threads share a row; BN gives every
-    thread 4 rows (the inputs it loads and converts serve 4 rows). K is then split until there
+    thread 4 rows (the inputs it loads and converts serve 4 rows; 2 when there are several
+    activation rows, which need more registers). K is then split until there
     are about four programs per SM, for enough loads in flight: a decode GEMV is bound by memory
     once the unpacking is cheap (``python -m inferkit.kernels.sass`` shows the instruction mix).
     More rows (the MMA kernel): BN 64/128, 16 words per dot; up to 32 rows, split K until the
@@ -273,7 +281,8 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
         bk = 256 if per_channel else group_size if 64 <= group_size <= 512 and group_size & (group_size - 1) == 0 else 128
         bk = min(bk, max(vals * 4, triton.next_power_of_2(K)))
         threads_per_row = max(1, bk // vals // 4)
-        bn = min(256, 4 * 32 * warps // threads_per_row)
+        rows_per_thread = 4 if M == 1 else 2  # each activation row adds an accumulator per weight
+        bn = min(256, rows_per_thread * 32 * warps // threads_per_row)
         bn = max(16, min(bn, triton.next_power_of_2(N)))
         tiles, want = -(-N // bn), 4 * sms
     else:

@@ -35,10 +35,10 @@ def test_decode_gemv_compiles_lean(report):
         assert loop.get("I2F", 0) + loop.get("I2FP", 0) == 0  # fields become floats by the mantissa trick
         assert loop.get("FFMA", 0) >= r["weights_per_thread"]  # >= one multiply-add per weight: the real loop
         rows = triton.next_power_of_2(r["M"])
-        # 1 AND-OR + 1 multiply-add per value, 1 FMA per row; loads, scales, inputs and row sums
-        # on top. 5.0-5.6 for one row with Triton 3.9 (the kernel before this one: 6.9, a quarter
-        # of it int-to-float conversions)
-        assert r["loop_per_weight"] / rows < (6.0 if rows == 1 else 4.5), r
+        # 1 AND + 1 multiply-add per value, 1 FMA per row; loads, scales, inputs and row sums on
+        # top. One row, g128: 4.2 with Triton 3.9, 4.8 with 3.6 (the kernel before this one: 5.6,
+        # of which 1.0 quarter-rate int-to-float conversions)
+        assert r["loop_per_weight"] / rows < (5.0 if rows == 1 else 4.5), r
 
 
 def test_mma_kernels_compile_with_tensor_cores_and_no_spills_in_the_loop(report):
