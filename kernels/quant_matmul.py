@@ -21,6 +21,7 @@ partial sums are added atomically into a float32 buffer).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -136,13 +137,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     """Works on the packed words in place: value j of every word meets input ``VALS*w + j``, so
-    no unpacked tile is ever laid out.
-
-    Each value becomes a float without an int-to-float conversion (a quarter-rate instruction):
-    a masked field ORed into the mantissa of 2**23 reads as ``2**23 + v * 2**sh``, and one
-    subtraction of ``2**23 + offset * 2**sh`` leaves ``(q - offset) * 2**sh`` exactly; the input
-    it meets is pre-multiplied by ``2**-sh`` (exact). The upper half-word is shifted down once
-    so every field sits below bit 16. Per value: one AND-OR, one subtraction, one multiply-add."""
+    no unpacked tile is ever laid out. Per value: one AND and one multiply-add make it a float
+    (``_field``), one FMA per activation row uses it. The inputs of a tile arrive as 16-byte
+    vectors and are split into their value positions in registers; the next tile's words are
+    loaded before this one is used (software pipelining by hand)."""
     VALS: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = VALS // 2
     BKW: tl.constexpr = BK // VALS
@@ -261,6 +259,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
+@functools.lru_cache(maxsize=4096)
+def _picked(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int) -> tuple:
+    return tuple(pick_config(M, N, K, group_size, device, bits).items())
+
+
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int = 4) -> dict:
     """Tile sizes and split-K for a problem (a heuristic; ``config=`` overrides it).
 
@@ -314,7 +317,7 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     group = K if per_channel else group_size
     assert per_channel or (group % vals == 0 and G == -(-K // group)), "group size: a multiple of the values per word"
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = {**pick_config(M, N, K, group, x.device, bits), **(config or {})}
+    cfg = {**dict(_picked(M, N, K, group, x.device, bits)), **(config or {})}  # cached: eager steps call this a lot
     assert cfg["BK"] // vals >= (16 if M > 4 else 1), "BK too small for the MMA kernel"
     split = cfg["SPLIT_K"]
     bm = triton.next_power_of_2(M) if M <= 4 else 16 if M <= 16 else 32 if M <= 32 or _ieee(x) else 64
