@@ -31,14 +31,17 @@ if [[ $PARTS == *tests* ]]; then
   [[ $PARTS == *cputests* ]] && tests="$tests tests/unit/test_runtime.py tests/unit/test_block_manager.py tests/unit/test_scheduler.py"
   timeout 150 python -m pytest -q -p no:cacheprovider $xdist --tb=short $tests > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.txt" | tail -30
+  echo "[tests done at ${SECONDS}s]"
 fi
 # 2. Kernel benchmarks and end-to-end decode on a Llama-1B-shaped model.
 if [[ $PARTS == *kernels* ]]; then
   timeout 280 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_kernels.log" | grep -v "^attention {\|^matmul {"
+  echo "[kernels done at ${SECONDS}s]"
 fi
 # 3. The runtime on the demo's shape (fp32, bf16, W8, W4): the issue-4 benchmark, now on the Triton kernels.
 if [[ $PARTS == *runtime* ]]; then
   timeout 150 python benchmarks/gpu_runtime.py --config .gpu/demo --out "$OUT/gpu_runtime.json" 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_runtime.log"
+  echo "[runtime done at ${SECONDS}s]"
 fi
