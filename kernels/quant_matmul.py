@@ -7,16 +7,19 @@ W is stored as compressed-tensors ``pack-quantized`` words: int32 ``[N, K * bits
 ``W[n, k] = (q - zero[n, g]) * scale[n, g]`` with ``g = k // group_size``.
 
 The packed words are read once, coalesced along K, and taken apart in registers without ever
-laying out an unpacked tile: value ``j`` of each word is shifted out and meets the inputs
-``VALS * w + j`` (a sum over K may visit K in any order). Nothing is written but the output.
+laying out an unpacked tile: value ``j`` of each word is masked out, made a float without an
+int-to-float conversion (``_field``), and meets the inputs ``VALS * w + j`` (a sum over K may
+visit K in any order). Nothing is written but the output (and split-K partials).
 
 - ``gemv``: 1-4 rows (decode). Each program owns BN output channels; multiply-and-sum on the
-  CUDA cores, zero points folded in once per word (a 16-row MMA tile would be mostly padding).
+  CUDA cores (a 16-row MMA tile would be mostly padding); zero points enter once per row and
+  group through the sum of the group's inputs.
 - ``mma``: more rows: one ``tl.dot`` per value position, on weights dequantized to the
   activation dtype.
 
-Both split K across programs when the output alone has too few tiles to fill the GPU (split-K
-partial sums are added atomically into a float32 buffer).
+Both split K across programs when the output alone has too few tiles to fill the GPU: each
+split writes a float32 partial, and the last split of a tile adds them in split order
+(deterministic) and stores (``_finish``).
 """
 
 from __future__ import annotations
