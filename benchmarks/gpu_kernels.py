@@ -177,17 +177,19 @@ def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: floa
     runtime replays it): the data for ``pick_config``."""
     from inferkit.kernels.quant_matmul import pick_config, quant_matmul
 
-    if M <= 4:
-        tiles = [(32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)]
+    if M <= 4:  # third field: the inputs as 16-byte vectors split in registers (VEC_X) or strided loads
+        tiles = [(32, 2, True), (64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True),
+                 (64, 4, False), (128, 4, False)]
         splits = (1, 4, 8)
-    else:
-        tiles = [(32, 4), (64, 4), (128, 4)]
+    else:  # the MMA kernel: one dot per tile, or one per value position
+        tiles = [(32, 4, True), (64, 4, True), (128, 4, True), (64, 4, False), (128, 4, False)]
         splits = (1, 4)
     picked = pick_config(M, N, K, 128, x.device)
     out = []
-    for bn, warps in ([(16, 1)] if SMOKE else tiles):
+    for bn, warps, variant in ([(16, 1, True)] if SMOKE else tiles):
         for split in ((2,) if SMOKE else splits):
             cfg = {"BN": bn, "BK": picked["BK"], "SPLIT_K": split, "num_warps": warps}
+            cfg["ONE_DOT" if M > 4 else "VEC_X"] = variant
             try:
                 t = bench_graphed(lambda i: (lambda: quant_matmul(x, *copies4[i % len(copies4)], None, 4, 128,
                                                                   config=cfg)), b4)
@@ -195,7 +197,7 @@ def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: floa
                 print("config failed", cfg, repr(exc)[:200], flush=True)
                 continue
             out.append({"K": K, "N": N, "M": M, **cfg, "graphed_int4_us": t * 1e6, "graphed_speedup": t_bf16 / t,
-                        "picked": cfg == picked})
+                        "picked": cfg in (picked, {**picked, "ONE_DOT": True}, {**picked, "VEC_X": True})})
     return out
 
 

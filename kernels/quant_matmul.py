@@ -135,15 +135,74 @@ def _columns(xv, VALS: tl.constexpr):
 
 
 @triton.jit
+def _dequant(src, j: tl.constexpr, z, s, BITS: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr,
+             IEEE: tl.constexpr, dtype: tl.constexpr):
+    """Value ``j`` of each word dequantized, in float32 (IEEE) or the activations' dtype."""
+    w = (_field(src, j, BITS, 16 // BITS, MASK, OFF) - z) * s
+    return w if IEEE else w.to(dtype)
+
+
+@triton.jit
+def _dequant_tile(lo, hi, z, s, BITS: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr, IEEE: tl.constexpr,
+                  dtype: tl.constexpr):
+    """The words' values dequantized as one [R, C * VALS] tile whose column ``VALS * c + j`` is
+    value j of word c: the inputs' own order, so one dot per tile (register joins, the inverse
+    of _columns)."""
+    if BITS == 4:
+        a = tl.join(tl.join(_dequant(lo, 0, z, s, BITS, MASK, OFF, IEEE, dtype),
+                            _dequant(hi, 4, z, s, BITS, MASK, OFF, IEEE, dtype)),
+                    tl.join(_dequant(lo, 2, z, s, BITS, MASK, OFF, IEEE, dtype),
+                            _dequant(hi, 6, z, s, BITS, MASK, OFF, IEEE, dtype)))  # [R, C, 2, 2]: j = 4 d1 + 2 d2
+        b = tl.join(tl.join(_dequant(lo, 1, z, s, BITS, MASK, OFF, IEEE, dtype),
+                            _dequant(hi, 5, z, s, BITS, MASK, OFF, IEEE, dtype)),
+                    tl.join(_dequant(lo, 3, z, s, BITS, MASK, OFF, IEEE, dtype),
+                            _dequant(hi, 7, z, s, BITS, MASK, OFF, IEEE, dtype)))
+        t = tl.join(a, b)  # [R, C, 2, 2, 2]: j = 4 d1 + 2 d2 + d3
+        return tl.reshape(t, [t.shape[0], t.shape[1] * 8])
+    else:
+        t = tl.join(tl.join(_dequant(lo, 0, z, s, BITS, MASK, OFF, IEEE, dtype),
+                            _dequant(hi, 2, z, s, BITS, MASK, OFF, IEEE, dtype)),
+                    tl.join(_dequant(lo, 1, z, s, BITS, MASK, OFF, IEEE, dtype),
+                            _dequant(hi, 3, z, s, BITS, MASK, OFF, IEEE, dtype)))  # j = 2 d1 + d2
+        return tl.reshape(t, [t.shape[0], t.shape[1] * 4])
+
+
+@triton.jit
+def _strided_columns(x_row, mask, VALS: tl.constexpr):
+    """Inputs ``VALS * w + j`` for each value position j, one strided load each, in float32."""
+    c0 = tl.load(x_row, mask=mask, other=0).to(tl.float32)
+    c1 = tl.load(x_row + 1, mask=mask, other=0).to(tl.float32)
+    c2 = tl.load(x_row + 2, mask=mask, other=0).to(tl.float32)
+    c3 = tl.load(x_row + 3, mask=mask, other=0).to(tl.float32)
+    if VALS == 8:
+        c4 = tl.load(x_row + 4, mask=mask, other=0).to(tl.float32)
+        c5 = tl.load(x_row + 5, mask=mask, other=0).to(tl.float32)
+        c6 = tl.load(x_row + 6, mask=mask, other=0).to(tl.float32)
+        c7 = tl.load(x_row + 7, mask=mask, other=0).to(tl.float32)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+    else:
+        return c0, c1, c2, c3
+
+
+@triton.jit
+def _sum_columns(xs, VALS: tl.constexpr):
+    if VALS == 8:
+        return ((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7]))
+    else:
+        return (xs[0] + xs[1]) + (xs[2] + xs[3])
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr):
     """Works on the packed words in place: value j of every word meets input ``VALS*w + j``, so
     no unpacked tile is ever laid out. Per value: one AND and one multiply-add make it a float
     (``_field``), one FMA per activation row uses it. The inputs of a tile arrive as 16-byte
-    vectors and are split into their value positions in registers; the next tile's words are
-    loaded before this one is used (software pipelining by hand)."""
+    vectors split into their value positions in registers (VEC_X; the compiler may route the
+    split through shared memory) or as one strided load per value position; the next tile's
+    words are loaded before this one is used (software pipelining by hand)."""
     VALS: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = VALS // 2
     BKW: tl.constexpr = BK // VALS
@@ -170,14 +229,20 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
         lo, hi = _exponent_words(words)
         for m in tl.static_range(BM):
-            row_ok = tl.full([BKW, VALS], m, tl.int32) < M
-            xv = tl.load(x_ptr + m * stride_xm + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :],
-                         mask=kw_mask[:, None] & row_ok, other=0).to(tl.float32)  # [BKW, VALS], 16-byte loads
-            xs = _columns(xv, VALS)
+            if VEC_X:  # [BKW, VALS] in 16-byte loads, split into value positions in registers
+                row_ok = tl.full([BKW, VALS], m, tl.int32) < M
+                xv = tl.load(x_ptr + m * stride_xm + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :],
+                             mask=kw_mask[:, None] & row_ok, other=0).to(tl.float32)
+                xs = _columns(xv, VALS)
+                xsum = tl.sum(xv, 1)
+            else:  # one strided load per value position (no layout change, more load instructions)
+                row_ok = tl.full([BKW], m, tl.int32) < M
+                x_row = x_ptr + m * stride_xm + offs_kw * VALS
+                xs = _strided_columns(x_row, kw_mask & row_ok, VALS)
+                xsum = _sum_columns(xs, VALS)
             t = _field(lo, 0, BITS, HALF, MASK, OFF) * xs[0][None, :]
             for j in tl.static_range(1, VALS):
                 t = tl.fma(_field(lo if j < HALF else hi, j, BITS, HALF, MASK, OFF), xs[j][None, :], t)
-            xsum = tl.sum(xv, 1)
             if PER_CHANNEL:
                 part = tl.sum(t, 1)
                 if HAS_ZP:
@@ -198,9 +263,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
 def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr):
-    """K is visited in word order: the dot for value j of every word takes the inputs
-    ``VALS*w + j`` of x, so the dequantized operand is never reshaped (a sum over K in any order)."""
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
+                ONE_DOT: tl.constexpr):
+    """Dequantize a [BN, BK] tile in registers and multiply on the tensor cores. ONE_DOT: the
+    values are joined back into the inputs' order for a single dot per tile (2 barriers per tile
+    in the compiled loop, inputs loaded asynchronously); otherwise one dot per value position
+    over the inputs ``VALS*w + j`` (a sum over K in any order; 16 barriers per tile)."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
@@ -224,14 +292,24 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
         lo, hi = _exponent_words(words)
-        for j in tl.static_range(VALS):
-            w = (_field(lo if j < VALS // 2 else hi, j, BITS, VALS // 2, MASK, OFF) - z) * s  # [BN, BKW]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_kw * VALS + j)[None, :],
-                        mask=m_mask[:, None] & kw_mask[None, :], other=0)
+        if ONE_DOT:  # one [BN, BK] tile in the inputs' order, one dot (one layout change)
+            w = _dequant_tile(lo, hi, z, s, BITS, MASK, OFF, IEEE, x_ptr.dtype.element_ty)
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
             if IEEE:
                 acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
             else:
-                acc += tl.dot(x, tl.trans(w).to(x.dtype))
+                acc += tl.dot(x, tl.trans(w))
+        else:  # one dot per value position over the inputs VALS*w + j (fewer instructions, more barriers)
+            for j in tl.static_range(VALS):
+                w = _dequant(lo if j < VALS // 2 else hi, j, z, s, BITS, MASK, OFF, IEEE, x_ptr.dtype.element_ty)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_kw * VALS + j)[None, :],
+                            mask=m_mask[:, None] & kw_mask[None, :], other=0)
+                if IEEE:
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
             pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K)
 
@@ -337,9 +415,9 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     args = (x, w_packed, scale, z, out, ws, counters if counters is not None else out, M, N, K, KW, G,
             x.stride(0), w_packed.stride(0), scale.stride(0), z.stride(0), out.stride(0))
     if M <= 4:
-        _gemv_kernel[(grid[0], split)](*args, **common)
+        _gemv_kernel[(grid[0], split)](*args, VEC_X=cfg.get("VEC_X", True), **common)
     else:
-        _mma_kernel[grid](*args, IEEE=_ieee(x), num_stages=2, **common)
+        _mma_kernel[grid](*args, IEEE=_ieee(x), ONE_DOT=cfg.get("ONE_DOT", True), num_stages=2, **common)
     return out if bias is None else out + bias
 
 

@@ -98,16 +98,17 @@ GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride
 
 
 def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, BK: int = 128, split: int = 1,
-                        num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False):
+                        num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False, one_dot: bool = True,
+                        vec_x: bool = True):
     """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations)."""
     from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel
 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, BN=BN, BK=BK, SPLIT_K=split)
     if M <= 4:
-        return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M)},
+        return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M), "VEC_X": vec_x},
                            num_warps=num_warps, divisible=GEMV_DIVISIBLE)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    return compile_for(_mma_kernel, GEMV_SIG, {**consts, "BM": bm, "IEEE": mma_ieee}, num_warps=num_warps,
+    return compile_for(_mma_kernel, GEMV_SIG, {**consts, "BM": bm, "IEEE": mma_ieee, "ONE_DOT": one_dot}, num_warps=num_warps,
                        num_stages=2, divisible=GEMV_DIVISIBLE)
 
 
@@ -149,13 +150,16 @@ def report() -> list[dict]:
     cases = [dict(K=K, N=N, M=M, group=128, zp=False) for K, N in ((4096, 4096), (4096, 14336), (14336, 4096))
              for M in (1, 8, 32)]
     cases += [dict(K=1536, N=576, M=1, group=64, zp=True), dict(K=4096, N=4096, M=3, group=32, zp=True),
-              dict(K=4096, N=4096, M=4, group=128, zp=False), dict(K=4096, N=4096, M=20, group=128, zp=False, ieee=True)]
+              dict(K=4096, N=4096, M=4, group=128, zp=False), dict(K=4096, N=4096, M=20, group=128, zp=False, ieee=True),
+              dict(K=4096, N=14336, M=8, group=128, zp=False, one_dot=False),
+              dict(K=4096, N=14336, M=1, group=128, zp=False, vec_x=False)]
     rows = []
     for case in cases:
         cfg = qm.pick_config(case["M"], case["N"], case["K"], case["group"], cuda)
         c = inspect(quant_matmul_kernel(case["M"], group=case["group"], BN=cfg["BN"], BK=cfg["BK"], split=cfg["SPLIT_K"],
                                         num_warps=cfg["num_warps"], zero_points=case["zp"],
-                                        mma_ieee=case.get("ieee", False)))
+                                        mma_ieee=case.get("ieee", False), one_dot=case.get("one_dot", True),
+                                        vec_x=case.get("vec_x", True)))
         kind = "gemv" if case["M"] <= 4 else "mma"
         weights = cfg["BN"] * cfg["BK"] / (32 * cfg["num_warps"])  # per thread per loop iteration
         rows.append({"kernel": kind, **case, "config": cfg, "registers": c.registers, "spill_bytes": c.spill_bytes,
@@ -192,7 +196,8 @@ def main() -> None:
         top = " ".join(f"{op}:{n}" for op, n in loop.most_common(6))
         if r["kernel"] in ("gemv", "mma"):
             cfg = r["config"]
-            name = f"{r['kernel']} M{r['M']}" + (" zp" if r["zp"] else "") + (" fp32" if r.get("ieee") else "")
+            name = f"{r['kernel']} M{r['M']}" + (" zp" if r["zp"] else "") + (" fp32" if r.get("ieee") else "") \
+                + (" dot/value" if r.get("one_dot") is False else "") + (" strided x" if r.get("vec_x") is False else "")
             table.add_row(name, f"{r['K']}x{r['N']} g{r['group']}",
                           f"{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} split {cfg['SPLIT_K']}", str(r["registers"]),
                           str(r["spill_bytes"]), str(sum(loop.values())), f"{r['loop_per_weight']:.2f}",

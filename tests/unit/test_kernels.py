@@ -98,7 +98,8 @@ def test_quant_matmul_matches_reference(bits, group_size, asym, M):
         assert rel_err(out, reference_quant_matmul(x, w, s, z, bits, group_size)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("config", [dict(SPLIT_K=4), dict(SPLIT_K=3, BK=128), dict(BN=32, BK=256), dict(BN=16, BK=512)])
+@pytest.mark.parametrize("config", [dict(SPLIT_K=4), dict(SPLIT_K=3, BK=128), dict(BN=32, BK=256), dict(BN=16, BK=512),
+                                    dict(SPLIT_K=2, ONE_DOT=False, VEC_X=False)])
 @pytest.mark.parametrize("M", [1, 7])
 @pytest.mark.parametrize("group_size", [32, 256])
 def test_quant_matmul_split_k_and_tiles(config, M, group_size):
