@@ -160,7 +160,7 @@ def matmul() -> tuple[list[dict], list[dict]]:
                    "graphed_int4_gb_s": b4 / g_i4 / 1e9, "graphed_bf16_gb_s": b16 / g_bf16 / 1e9}
             rows.append(row)
             print("matmul", json.dumps(row), flush=True)
-            sweep += config_sweep(x, K, N, M, copies4, b4, g_bf16)
+            sweep += config_sweep(x, K, N, M, copies4, b4, g_bf16, ref)
         torch.cuda.empty_cache()
     best = {}
     for r in sweep:
@@ -172,9 +172,10 @@ def matmul() -> tuple[list[dict], list[dict]]:
     return rows, sweep
 
 
-def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: float) -> list[dict]:
+def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: float, ref: torch.Tensor) -> list[dict]:
     """INT4 tile configs around the heuristic's, graph-timed (the kernel's own time, as the
-    runtime replays it): the data for ``pick_config``."""
+    runtime replays it): the data for ``pick_config``. Each config's output is checked against
+    ``ref`` first; a wrong one is reported and not timed."""
     from inferkit.kernels.quant_matmul import pick_config, quant_matmul
 
     if M <= 4:  # third field: the inputs as 16-byte vectors split in registers (VEC_X) or strided loads
@@ -191,6 +192,11 @@ def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: floa
             cfg = {"BN": bn, "BK": picked["BK"], "SPLIT_K": split, "num_warps": warps}
             cfg["ONE_DOT" if M > 4 else "VEC_X"] = variant
             try:
+                got = quant_matmul(x, *copies4[0], None, 4, 128, config=cfg).float()
+                err = float((got - ref).norm() / ref.norm())
+                if not err < 2e-2:
+                    print("config WRONG", cfg, f"relative error {err:.3g}", flush=True)
+                    continue
                 t = bench_graphed(lambda i: (lambda: quant_matmul(x, *copies4[i % len(copies4)], None, 4, 128,
                                                                   config=cfg)), b4)
             except Exception as exc:  # a config the GPU cannot run (shared memory, registers)
