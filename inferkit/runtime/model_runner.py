@@ -84,18 +84,22 @@ class ModelRunner:
         tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
         return tensor(ids), tensor(positions), meta, sample_rows
 
-    def compute(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Run the chunks; logits (float32, on the CPU) of the rows they asked for, in order."""
+    def compute(self, chunks: list[Chunk], on_host: bool = True) -> torch.Tensor:
+        """Run the chunks; logits (float32) of the rows they asked for, in order, on the CPU
+        (``on_host=False``: where the model runs)."""
         if self.graphs is not None and self.graphs.fits(chunks):
-            return self.graphs.run(chunks)
-        ids, positions, meta, rows = self.prepare(chunks)
-        logits = self.model.forward(ids, positions, meta, self.cache,
-                                    torch.tensor(rows, dtype=torch.int64, device=self.device))
-        return logits.cpu()
+            logits = self.graphs.run(chunks)
+        else:
+            ids, positions, meta, rows = self.prepare(chunks)
+            logits = self.model.forward(ids, positions, meta, self.cache,
+                                        torch.tensor(rows, dtype=torch.int64, device=self.device))
+        return logits.cpu() if on_host else logits
 
     def run(self, batch: list[ScheduledSeq]) -> dict[int, list[int]]:
-        """Compute the batch; return the sampled next token of every sequence whose chunk ended."""
-        logits = self.compute([Chunk.of(item) for item in batch])
+        """Compute the batch; return the sampled next token of every sequence whose chunk ended.
+        The logits stay on the device: greedy rows are decided there and only their token ids
+        cross (a batch of 32 over a 128k vocabulary is 16 MB of logits per step otherwise)."""
+        logits = self.compute([Chunk.of(item) for item in batch], on_host=False)
         seqs = [item.seq for item in batch if item.samples]
         if not seqs:
             return {}
@@ -178,4 +182,4 @@ class DecodeGraphs:
         self.tables[:size].copy_(table, non_blocking=True)
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[:n].float().cpu()
+        return logits[:n].float()

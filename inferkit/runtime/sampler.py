@@ -25,18 +25,22 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [len(seqs), V] float32 → one token per sequence; logprobs recorded on request."""
+    """logits [len(seqs), V] float32, on any device → one token per sequence; logprobs recorded
+    on request. Greedy choices are made where the logits are (only the ids are copied); rows
+    that sample or report logprobs are copied to the CPU first, where the per-request seeded
+    generators live, so a seed gives the same tokens on every device."""
     greedy = logits.argmax(dim=-1).tolist()
     tokens = []
     for i, seq in enumerate(seqs):
         p = seq.params
+        row = logits[i].cpu() if not p.greedy or p.logprobs is not None else None
         if p.greedy:
             token = greedy[i]
         else:
-            probs = filtered_probs(logits[i], p.temperature, p.top_k, p.top_p)
+            probs = filtered_probs(row, p.temperature, p.top_k, p.top_p)
             token = int(torch.multinomial(probs, 1, generator=seq.generator))
         if p.logprobs is not None:
-            seq.logprobs.append(logprob_entry(logits[i], token, p.logprobs))
+            seq.logprobs.append(logprob_entry(row, token, p.logprobs))
         tokens.append(token)
     return tokens
 
