@@ -85,7 +85,8 @@ def inspect(kernel) -> Compiled:
     loop = None
     for i, line in enumerate(lines):
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
-        if m and labels.get(m.group(1), i) < i and (loop is None or i - labels[m.group(1)] > loop[1] - loop[0]):
+        # the longest backward branch; not the branch-to-itself that pads every kernel's end
+        if m and labels.get(m.group(1), i) < i - 2 and (loop is None or i - labels[m.group(1)] > loop[1] - loop[0]):
             loop = (labels[m.group(1)], i)
     body = lines[loop[0]:loop[1] + 1] if loop else []
     return Compiled(num("REG"), num("STACK") + num("LOCAL"), num("SHARED"), _opcodes(body), _opcodes(lines))
