@@ -111,6 +111,41 @@ class ModelRunner:
         return self.compute([Chunk(item.seq, item.start, item.num_tokens, "all") for item in batch])
 
 
+class DecodeStaging:
+    """Host-side inputs of a graphed decode step, in (pinned) buffers reused every step and
+    filled through numpy views: one upload per buffer, instead of building a tensor per row.
+    Table entries past a row's last block are left as they were: the attention kernel reads
+    none past the context length. Padding rows: token 0, position 0, slot -1 (no write),
+    length 1 over the pool's zero block."""
+
+    def __init__(self, max_batch: int, width: int, zero_block: int, pin: bool = False) -> None:
+        self.vec = torch.zeros((3, max_batch), dtype=torch.int64)  # token ids, positions, slots
+        self.lens = torch.ones(max_batch, dtype=torch.int32)
+        self.tables = torch.full((max_batch, width), zero_block, dtype=torch.int32)
+        if pin:
+            self.vec, self.lens, self.tables = self.vec.pin_memory(), self.lens.pin_memory(), self.tables.pin_memory()
+        self._vec, self._lens, self._tables = self.vec.numpy(), self.lens.numpy(), self.tables.numpy()
+        self.zero_block = zero_block
+
+    def fill(self, chunks: list[Chunk], size: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        vec, lens, tables = self._vec, self._lens, self._tables
+        for i, c in enumerate(chunks):
+            seq, p = c.seq, c.start
+            used = p // block_size + 1
+            vec[0, i] = seq.token_ids[p]
+            vec[1, i] = p
+            vec[2, i] = seq.block_table[used - 1] * block_size + p % block_size
+            lens[i] = p + 1
+            tables[i, :used] = seq.block_table[:used]
+        n = len(chunks)
+        vec[0, n:size] = 0
+        vec[1, n:size] = 0
+        vec[2, n:size] = -1
+        lens[n:size] = 1
+        tables[n:size, 0] = self.zero_block
+        return self.vec, self.lens, self.tables
+
+
 class DecodeGraphs:
     """CUDA graphs of decode-only steps (one token per sequence), captured per padded batch size
     (1, 2, 4, 8, then multiples of 16) on first use, then replayed: one launch instead of a few
@@ -130,6 +165,8 @@ class DecodeGraphs:
         self.slots = torch.full((max_batch,), -1, dtype=torch.int64, device=dev)
         self.tables = torch.full((max_batch, width), self.zero_block, dtype=torch.int32, device=dev)
         self.lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.staging = DecodeStaging(max_batch, width, self.zero_block, pin=dev.type == "cuda")
+        self.copied = None  # event after the last upload of the staging buffers
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -163,23 +200,16 @@ class DecodeGraphs:
             self.tables.fill_(self.zero_block)
             self.lens.fill_(1)
             self._capture(size)
-        bs = self.runner.block_size
-        ids, positions, slots, lens = [], [], [], []
-        table = torch.full((size, self.tables.shape[1]), self.zero_block, dtype=torch.int32)
-        for i, c in enumerate(chunks):
-            seq, p = c.seq, c.start
-            ids.append(seq.token_ids[p])
-            positions.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            blocks = seq.block_table[: p // bs + 1]
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        pad = size - n
-        self.ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.lens[:size].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        self.tables[:size].copy_(table, non_blocking=True)
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's uploads have left the staging buffers
+        vec, lens, tables = self.staging.fill(chunks, size, self.runner.block_size)
+        self.ids[:size].copy_(vec[0, :size], non_blocking=True)
+        self.positions[:size].copy_(vec[1, :size], non_blocking=True)
+        self.slots[:size].copy_(vec[2, :size], non_blocking=True)
+        self.lens[:size].copy_(lens[:size], non_blocking=True)
+        self.tables[:size].copy_(tables[:size], non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n].float()

@@ -242,3 +242,27 @@ def test_rope_scaling_matches_transformers(tiny_model_factory, rope):
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
     assert torch.allclose(LLM(folder).score(ids), ref, atol=1e-4)
+
+
+def test_graph_decode_staging_fills_what_the_kernels_read():
+    """The host buffers behind a graphed decode step: each row's token, position, cache slot,
+    length and the blocks up to its last; padding rows write nowhere and read the zero block.
+    Entries past a row's last block may be stale from an earlier step (never read)."""
+    from types import SimpleNamespace
+
+    from inferkit.runtime.model_runner import Chunk, DecodeStaging
+
+    staging = DecodeStaging(max_batch=8, width=6, zero_block=99)
+    seqs = [SimpleNamespace(token_ids=list(range(100, 130)), block_table=[7, 3, 11, 5, 2]),
+            SimpleNamespace(token_ids=list(range(200, 210)), block_table=[4, 8, 6]),
+            SimpleNamespace(token_ids=[42], block_table=[1])]
+    for step, starts in enumerate(([17, 9, 0], [3, 0])):  # the second step: fewer, shorter rows
+        chunks = [Chunk(seq, p, 1, "last") for seq, p in zip(seqs, starts)]
+        vec, lens, tables = staging.fill(chunks, 4, block_size=4)
+        for i, (seq, p) in enumerate(zip(seqs, starts)):
+            used = p // 4 + 1
+            assert vec[:, i].tolist() == [seq.token_ids[p], p, seq.block_table[p // 4] * 4 + p % 4]
+            assert int(lens[i]) == p + 1 and tables[i, :used].tolist() == seq.block_table[:used]
+        for pad in range(len(starts), 4):
+            assert vec[:, pad].tolist() == [0, 0, -1] and int(lens[pad]) == 1 and int(tables[pad, 0]) == 99
+    assert vec[:, 0].tolist() == [103, 3, 31] and tables[0, :1].tolist() == [7]
