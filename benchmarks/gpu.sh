@@ -38,6 +38,8 @@ if [[ $PARTS == *kernels* ]]; then
   timeout 280 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_kernels.log" | grep -v "^attention {\|^matmul {"
   echo "[kernels done at ${SECONDS}s]"
+  # The sweep's fastest tiles (kernels/configs/ format): the runtime part below launches with them.
+  [ -d "$OUT/tuned" ] && export INFERKIT_KERNEL_CONFIGS="$OUT/tuned"
 fi
 # 3. The runtime on the demo's shape (fp32, bf16, W8, W4): the issue-4 benchmark, now on the Triton kernels.
 if [[ $PARTS == *runtime* ]]; then

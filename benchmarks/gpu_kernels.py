@@ -8,7 +8,8 @@
    bandwidth and against PyTorch SDPA over a contiguous cache of the same K/V.
 3. Dequantizing matmul, K x N = 4096x4096, 4096x14336, 14336x4096 (in x out), batch 1/8/32:
    INT4 (g128, symmetric) and INT8 (per channel) through the Triton kernel, bf16 through
-   torch.matmul; time and weight bytes / time. Plus a small sweep of INT4 tile configs at batch 1.
+   torch.matmul; time and weight bytes / time. Plus a sweep of INT4 tile configs per shape and
+   batch, written as a tuned table (<out folder>/tuned/<GPU>.json, see inferkit.kernels.tuned).
 4. End to end: a Llama-3.2-1B-shaped random-weight model in bf16, decode tokens/s of the runtime
    (Triton kernels, CUDA graphs) and of transformers' generate(), batch 1 and 32, 128 new tokens.
 
@@ -158,18 +159,47 @@ def matmul() -> tuple[list[dict], list[dict]]:
                    "graphed_bf16_us": g_bf16 * 1e6, "graphed_int4_us": g_i4 * 1e6, "graphed_int8_us": g_i8 * 1e6,
                    "graphed_int4_speedup": g_bf16 / g_i4, "graphed_int8_speedup": g_bf16 / g_i8,
                    "graphed_int4_gb_s": b4 / g_i4 / 1e9, "graphed_bf16_gb_s": b16 / g_bf16 / 1e9}
+            swept = config_sweep(x, K, N, M, copies4, b4, g_bf16, ref)
+            if swept:  # the fastest correct config: what a tuned table makes the default on this GPU
+                fastest = min(swept, key=lambda r: r["graphed_int4_us"])
+                row.update(tuned_graphed_int4_us=fastest["graphed_int4_us"],
+                           tuned_graphed_int4_speedup=g_bf16 * 1e6 / fastest["graphed_int4_us"])
+                print("int4 best config", json.dumps(fastest), flush=True)
             rows.append(row)
             print("matmul", json.dumps(row), flush=True)
-            sweep += config_sweep(x, K, N, M, copies4, b4, g_bf16, ref)
-        torch.cuda.empty_cache()
-    best = {}
+            sweep += swept
+        if not SMOKE:
+            torch.cuda.empty_cache()
+    return rows, sweep
+
+
+def tuned_table(sweep: list[dict], out_dir: Path, device_name: str) -> Path | None:
+    """The fastest swept config per shape and row count as a table for ``inferkit.kernels.tuned``
+    (``<out_dir>/<device>.json``): copy it to ``kernels/configs/`` to make it this GPU's default,
+    or point ``INFERKIT_KERNEL_CONFIGS`` at it."""
+    import triton
+
+    from inferkit.kernels import tuned
+
+    best: dict = {}
     for r in sweep:
         key = (r["K"], r["N"], r["M"])
         if key not in best or r["graphed_int4_us"] < best[key]["graphed_int4_us"]:
             best[key] = r
-    for r in best.values():
-        print("int4 best config", json.dumps(r), flush=True)
-    return rows, sweep
+    if not best:
+        return None
+    heuristic = {(r["K"], r["N"], r["M"]): r["graphed_int4_us"] for r in sweep if r["picked"]}
+    entries = []
+    for (K, N, M), r in sorted(best.items()):
+        e = {"bits": 4, "group": 128, "K": K, "N": N, "M": M,
+             **{k: r[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT") if k in r},
+             "us": round(r["graphed_int4_us"], 2)}
+        if (K, N, M) in heuristic:
+            e["heuristic_us"] = round(heuristic[(K, N, M)], 2)
+        entries.append(e)
+    return tuned.write_table(out_dir / f"{tuned.slug(device_name)}.json", device_name, entries,
+                             triton=triton.__version__, torch=torch.__version__,
+                             source="benchmarks/gpu_kernels.py (graph-replayed, bf16 activations)")
 
 
 def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: float, ref: torch.Tensor) -> list[dict]:
@@ -297,6 +327,10 @@ def main() -> None:
     print(f"memory copy: {results['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     results["attention"] = attention(results["copy_gb_s"] * 1e9)
     results["matmul"], results["int4_config_sweep"] = matmul()
+    table = tuned_table(results["int4_config_sweep"], args.out.parent / "tuned", results["device"])
+    if table:
+        results["tuned_table"] = str(table)
+        print(f"tuned matmul configs: {table} (copy to kernels/configs/ to make them this GPU's default)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     if not args.skip_e2e:
@@ -312,7 +346,9 @@ def main() -> None:
         print(f"  matmul {r['K']}x{r['N']} M={r['M']:>2}: bf16 {r['bf16_us']:7.1f} us, int8 {r['int8_us']:7.1f} us "
               f"({r['int8_speedup']:.2f}x), int4 {r['int4_us']:7.1f} us ({r['int4_speedup']:.2f}x); graphed: bf16 "
               f"{r['graphed_bf16_us']:6.1f}, int8 {r['graphed_int8_us']:6.1f} ({r['graphed_int8_speedup']:.2f}x), int4 "
-              f"{r['graphed_int4_us']:6.1f} us ({r['graphed_int4_speedup']:.2f}x)")
+              f"{r['graphed_int4_us']:6.1f} us ({r['graphed_int4_speedup']:.2f}x)"
+              + (f", int4 best swept {r['tuned_graphed_int4_us']:6.1f} us ({r['tuned_graphed_int4_speedup']:.2f}x)"
+                 if "tuned_graphed_int4_us" in r else ""))
     if "end_to_end" in results:
         e = results["end_to_end"]
         for tag in ("graphs", "eager"):

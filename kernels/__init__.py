@@ -1,5 +1,8 @@
-"""Triton GPU kernels, installed as ``inferkit.kernels``.
+"""Triton GPU kernels, installed as ``inferkit.kernels``: paged decode attention
+(``paged_attention``), the KV-cache write (``kv_cache``), the dequantizing matmul
+(``quant_matmul``) with its measured per-GPU tile tables (``tuned``, ``configs/``), and an
+offline sm_90 compile-and-inspect tool (``sass``).
 
-Only imported lazily by the runtime on CUDA machines; nothing here is needed on the CPU.
-The paged-attention and dequantizing-matmul kernels arrive with the runtime work.
+Imported lazily by the runtime when a Triton backend is chosen (CUDA, or the CPU interpreter
+with ``TRITON_INTERPRET=1``); nothing here is needed by the PyTorch backends.
 """

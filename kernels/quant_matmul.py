@@ -315,6 +315,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
 
 
 _SM_COUNT: dict = {}
+_DEVICE_NAME: dict = {}
 _COUNTERS: dict = {}
 
 
@@ -340,13 +341,35 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
+def _device_name(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    if device not in _DEVICE_NAME:
+        _DEVICE_NAME[device] = torch.cuda.get_device_name(device)
+    return _DEVICE_NAME[device]
+
+
 @functools.lru_cache(maxsize=4096)
 def _picked(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int) -> tuple:
-    return tuple(pick_config(M, N, K, group_size, device, bits).items())
+    """The launch config: a measured one for this GPU model and shape if a table has it
+    (``inferkit.kernels.tuned``), else the heuristic's."""
+    from inferkit.kernels import tuned
+
+    cfg = tuned.lookup(M, N, K, group_size, bits, _device_name(device)) or pick_config(M, N, K, group_size, device, bits)
+    return tuple(cfg.items())
+
+
+def reset_configs() -> None:
+    """Forget picked configs and loaded tables (after changing ``INFERKIT_KERNEL_CONFIGS``)."""
+    from inferkit.kernels import tuned
+
+    _picked.cache_clear()
+    tuned.clear_cache()
 
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int = 4) -> dict:
-    """Tile sizes and split-K for a problem (a heuristic; ``config=`` overrides it).
+    """Tile sizes and split-K for a problem: the heuristic (``config=`` overrides it; a measured
+    table for the GPU model takes precedence, see ``inferkit.kernels.tuned``).
 
     1-4 rows (the GEMV kernel): a tile spans one quantization group along K when groups are
     64-512 inputs (one scale per row per tile), 256 inputs per channel, 128 otherwise. Each

@@ -72,6 +72,13 @@ class EngineConfig:
                     raise InferkitError(f"{name}=triton needs a CUDA device (or TRITON_INTERPRET=1 to run "
                                         "the kernels in Triton's CPU interpreter)")
             chosen.append(value)
+        if chosen[0] == "triton":
+            from inferkit.kernels import tuned
+
+            try:
+                tuned.check_override()  # measured matmul tiles named by INFERKIT_KERNEL_CONFIGS
+            except ValueError as exc:
+                raise InferkitError(str(exc)) from None
         return chosen[0], chosen[1]
 
     @classmethod

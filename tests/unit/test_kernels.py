@@ -144,6 +144,35 @@ def test_quant_matmul_bias_larger_batch_and_a_non_power_of_two_input():
     assert rel_err(quant_matmul(x, w, s, z, 8, None), reference_quant_matmul(x, w, s, z, 8, None)) < 1e-5
 
 
+def test_quant_matmul_launches_the_measured_config_for_its_gpu(tmp_path, monkeypatch):
+    """A table for the GPU model (here a made-up one) replaces the heuristic for the shapes and
+    row buckets it lists, and those launches still give the reference's numbers."""
+    from inferkit.kernels import quant_matmul as qm
+    from inferkit.kernels import tuned
+
+    name = "Test GPU 1"
+    base = {"bits": 4, "group": 64, "K": 256, "N": 40, "num_warps": 2}
+    gemv = {"BN": 16, "BK": 64, "SPLIT_K": 2, "num_warps": 2, "VEC_X": False}
+    mma = {"BN": 32, "BK": 128, "SPLIT_K": 2, "num_warps": 2, "ONE_DOT": False}
+    tuned.write_table(tmp_path / f"{tuned.slug(name)}.json", name,
+                      [{**base, "M": 1, **gemv}, {**base, "M": 9, **mma}])
+    monkeypatch.setenv(tuned.ENV, str(tmp_path))
+    monkeypatch.setattr(qm, "_device_name", lambda device: name)
+    qm.reset_configs()
+    try:
+        dev = torch.device(DEVICE)
+        assert dict(qm._picked(1, 40, 256, 64, dev, 4)) == gemv
+        assert dict(qm._picked(12, 40, 256, 64, dev, 4)) == mma  # measured at 9 rows, serves 5-16
+        assert dict(qm._picked(2, 40, 256, 64, dev, 4)) == pick_config(2, 40, 256, 64, dev)
+        assert dict(qm._picked(1, 40, 256, 32, dev, 4)) == pick_config(1, 40, 256, 32, dev)
+        for M in (1, 12):
+            x, w, s, z = quant_case(M, 40, 256, 4, 64, True, torch.float32, seed=M)
+            assert rel_err(quant_matmul(x, w, s, z, 4, 64), reference_quant_matmul(x, w, s, z, 4, 64)) < 1e-5
+    finally:
+        monkeypatch.undo()
+        qm.reset_configs()
+
+
 def test_config_heuristic(monkeypatch):
     cuda = torch.device("cuda")
     from inferkit.kernels import quant_matmul as qm

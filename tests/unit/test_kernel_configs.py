@@ -1,0 +1,157 @@
+"""Measured matmul tile tables (inferkit.kernels.tuned): format checks, lookup by GPU model,
+shape and row bucket, precedence of INFERKIT_KERNEL_CONFIGS over the packaged tables."""
+
+import json
+
+import pytest
+
+from inferkit.kernels import tuned
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def entry(**over):
+    e = {"bits": 4, "group": 128, "K": 4096, "N": 14336, "M": 1, "BN": 64, "BK": 128, "SPLIT_K": 4,
+         "num_warps": 4, "VEC_X": False, "us": 12.5}
+    e.update(over)
+    return e
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No packaged tables and no override unless a test sets them; caches cleared around each test."""
+    monkeypatch.setattr(tuned, "PACKAGED", tmp_path / "packaged")
+    monkeypatch.delenv(tuned.ENV, raising=False)
+    tuned.clear_cache()
+    yield
+    tuned.clear_cache()
+
+
+def test_slug_and_buckets():
+    assert tuned.slug(H100) == "NVIDIA_H100_80GB_HBM3"
+    assert tuned.slug("NVIDIA H200 (141GB)") == "NVIDIA_H200_141GB"
+    assert [tuned.bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 32, 33, 64, 65, 300)] == \
+        [1, 2, 3, 4, 16, 16, 32, 32, 64, 64, None, None]
+
+
+def test_written_table_reads_back_and_serves_its_bucket(tmp_path, monkeypatch):
+    path = tuned.write_table(tmp_path / "t" / "x.json", H100,
+                             [entry(), entry(M=8, BN=128, BK=256, SPLIT_K=2, ONE_DOT=False)],
+                             triton="3.6.0")
+    assert not list(path.parent.glob("*.tmp"))
+    data = json.loads(path.read_text())
+    assert data["device"] == H100 and data["triton"] == "3.6.0" and len(data["configs"]) == 2
+    monkeypatch.setenv(tuned.ENV, str(path))
+    assert tuned.check_override() == 2
+    one = {"BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "VEC_X": False}
+    assert tuned.lookup(1, 14336, 4096, 128, 4, H100) == one
+    mma = {"BN": 128, "BK": 256, "SPLIT_K": 2, "num_warps": 4, "ONE_DOT": False, "VEC_X": False}
+    for m in (5, 8, 16):  # the entry measured at 8 rows serves 5-16
+        assert tuned.lookup(m, 14336, 4096, 128, 4, H100) == mma
+    # anything else is the heuristic's: other rows, shape, group, bits, GPU model, no GPU
+    assert tuned.lookup(2, 14336, 4096, 128, 4, H100) is None
+    assert tuned.lookup(17, 14336, 4096, 128, 4, H100) is None
+    assert tuned.lookup(1, 4096, 14336, 128, 4, H100) is None
+    assert tuned.lookup(1, 14336, 4096, 64, 4, H100) is None
+    assert tuned.lookup(1, 14336, 4096, 128, 8, H100) is None
+    assert tuned.lookup(1, 14336, 4096, 128, 4, "NVIDIA H200") is None
+    assert tuned.lookup(1, 14336, 4096, 128, 4, None) is None
+
+
+def test_override_wins_over_packaged_table(tmp_path, monkeypatch):
+    tuned.write_table(tuned.PACKAGED / "NVIDIA_H100_80GB_HBM3.json", H100,
+                      [entry(), entry(N=4096, BN=32)])
+    assert tuned.lookup(1, 14336, 4096, 128, 4, H100)["BN"] == 64
+    folder = tmp_path / "mine"
+    tuned.write_table(folder / "NVIDIA_H100_80GB_HBM3.json", H100, [entry(BN=256, SPLIT_K=1)])
+    tuned.write_table(folder / "NVIDIA_H200.json", "NVIDIA H200", [entry(BN=16)])
+    monkeypatch.setenv(tuned.ENV, str(folder))
+    tuned.clear_cache()
+    assert tuned.check_override() == 2
+    assert tuned.lookup(1, 14336, 4096, 128, 4, H100)["BN"] == 256  # the override's entry
+    assert tuned.lookup(1, 4096, 4096, 128, 4, H100)["BN"] == 32  # the packaged table still serves the rest
+    assert tuned.lookup(1, 14336, 4096, 128, 4, "NVIDIA H200")["BN"] == 16
+    # an override file made on another GPU model serves nothing here
+    monkeypatch.setenv(tuned.ENV, str(folder / "NVIDIA_H200.json"))
+    tuned.clear_cache()
+    assert tuned.lookup(1, 14336, 4096, 128, 4, H100)["BN"] == 64
+
+
+@pytest.mark.parametrize("bad, why", [
+    (entry(BN=48), "'BN' must be a power of two"),
+    (entry(M=8, BK=64), "at least 16 of them above 4 rows"),
+    (entry(BK=4), "'BK' must hold whole words"),
+    (entry(M=100), "'M' above 64"),
+    (entry(bits=3), "'bits' must be 4 or 8"),
+    (entry(SPLIT_K=0), "'SPLIT_K' must be a positive integer"),
+    (entry(num_warps=3), "'num_warps' must be 1-16"),
+    (entry(VEC_X="yes"), "'VEC_X' must be true or false"),
+    ({k: v for k, v in entry().items() if k != "N"}, "'N' must be a positive integer"),
+])
+def test_bad_entries_are_refused_with_the_reason(tmp_path, bad, why):
+    with pytest.raises(ValueError, match=why):
+        tuned.write_table(tmp_path / "t.json", H100, [bad])
+    assert not (tmp_path / "t.json").exists()
+    (tmp_path / "t.json").write_text(json.dumps({"device": H100, "configs": [bad]}))
+    with pytest.raises(ValueError, match=f"t.json: config .*{why}"):
+        tuned.read_table(tmp_path / "t.json")
+
+
+def test_unreadable_tables_and_missing_override(tmp_path, monkeypatch):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match="a.json: not a readable JSON kernel-config table"):
+        tuned.read_table(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"configs": []}))
+    with pytest.raises(ValueError, match="needs a 'device' name and a 'configs' list"):
+        tuned.read_table(tmp_path / "b.json")
+    monkeypatch.setenv(tuned.ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="INFERKIT_KERNEL_CONFIGS=.*nowhere: no such file or folder"):
+        tuned.check_override()
+    with pytest.raises(ValueError, match="no such file or folder"):
+        tuned.lookup(1, 14336, 4096, 128, 4, H100)
+
+
+def test_runtime_refuses_a_bad_override_before_loading(tmp_path, monkeypatch):
+    from inferkit.errors import InferkitError
+    from inferkit.runtime.config import EngineConfig
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (tmp_path / "t.json").write_text(json.dumps({"device": H100, "configs": [entry(BN=48)]}))
+    monkeypatch.setenv(tuned.ENV, str(tmp_path / "t.json"))
+    with pytest.raises(InferkitError, match="'BN' must be a power of two"):
+        EngineConfig(device="cpu", linear_backend="triton").backends()
+    assert EngineConfig(device="cpu").backends() == ("torch", "torch")  # the tables concern Triton only
+
+
+def test_packaged_tables_are_valid_and_named_after_their_gpu():
+    from pathlib import Path
+
+    folder = Path(tuned.__file__).with_name("configs")
+    assert (folder / "README.md").is_file()
+    for path in folder.glob("*.json"):
+        device, entries = tuned.read_table(path)
+        assert path.stem == tuned.slug(device) and entries
+
+
+def test_gpu_benchmark_smoke_writes_a_table_the_runtime_reads(tmp_path):
+    """benchmarks/gpu_kernels.py runs only when a GPU is lent: its --smoke mode (tiny shapes, the
+    CPU interpreter) checks that the script, its sweep and the table it writes still work."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = tmp_path / "bench" / "gpu_kernels.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_kernels.py"), "--smoke", "--skip-e2e",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [(r["K"], r["N"], r["M"]) for r in results["matmul"]] == [(256, 128, 1), (256, 128, 8), (256, 128, 32)]
+    assert all(r["int4_rel_err"] < 2e-2 and r["tuned_graphed_int4_us"] > 0 for r in results["matmul"])
+    device, entries = tuned.read_table(Path(results["tuned_table"]))
+    assert device == "cpu (smoke)" and Path(results["tuned_table"]).name == "cpu_smoke.json"
+    assert [(e["M"], e["BN"], e["SPLIT_K"]) for e in entries] == [(1, 16, 2), (8, 16, 2), (32, 16, 2)]
+    assert "VEC_X" in entries[0] and "ONE_DOT" in entries[1]
+    assert "int4 best swept" in run.stdout
