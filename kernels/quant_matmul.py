@@ -259,7 +259,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
             pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # mixed prefill/decode steps bring any row count: one compile, not three
 def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
