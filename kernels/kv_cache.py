@@ -31,13 +31,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """k, v [T, KVH, D] (any row stride, unit stride in D); caches [num_blocks, block_size, KVH, D]
     contiguous; slot_mapping [T] (int32/int64, -1: skip)."""
     tokens, num_kv_heads, head_dim = k.shape
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k.stride(-1) == 1 and v.stride(-1) == 1
     if tokens == 0:
         return
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("store_kv: contiguous caches, and K/V with unit stride along the head dimension")
     _store_kv_kernel[(tokens, num_kv_heads)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2), HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
-        num_warps=1,
+        num_kv_heads * head_dim, head_dim, HEAD_DIM=head_dim, D_PAD=1 << (head_dim - 1).bit_length(), num_warps=1,
     )
 
 

@@ -12,6 +12,7 @@ unnormalised output; a second kernel merges them (skipped when there is one spli
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -112,6 +113,22 @@ def num_splits_for(batch: int, num_kv_heads: int, max_context: int, block_n: int
     return 1 << (splits.bit_length() - 1)
 
 
+@functools.lru_cache(maxsize=256)
+def _constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+               block_n: int | None) -> tuple[int, dict, int]:
+    """(block_n, the split kernel's constexprs, D_PAD) for a model's heads: worked out once, as
+    eager steps call the kernel once per layer."""
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    block_n = block_n or (32 if dtype == torch.float32 and head_dim > 64 else 64)
+    group = num_heads // num_kv_heads
+    d_pad = max(16, 1 << (head_dim - 1).bit_length())
+    consts = dict(GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=d_pad,
+                  BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                  IEEE=dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16), num_warps=4, num_stages=2)
+    return block_n, consts, d_pad
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context: int, num_splits: int | None = None, block_n: int | None = None,
@@ -121,37 +138,35 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns [B, H, D] in q's dtype. ``block_n``: tokens per step, 64 (32 for float32 with heads
     over 64 wide, whose 64-token tiles spill registers on sm_90)."""
     batch, num_heads, head_dim = q.shape
-    block_n = block_n or (32 if q.dtype == torch.float32 and head_dim > 64 else 64)
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and q.stride(-1) == 1
-    group = num_heads // num_kv_heads
+    if k_cache.stride(-1) != 1 or q.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("paged_decode_attention: q and the caches need unit stride along the head dimension, "
+                         "and the two caches the same layout")
+    block_n, consts, d_pad = _constants(num_heads, num_kv_heads, head_dim, block_size, q.dtype, block_n)
     splits = num_splits or num_splits_for(batch, num_kv_heads, max_context, block_n)
     per_split = -(-max_context // splits)
     per_split = -(-per_split // block_n) * block_n
     out = torch.empty_like(q) if out is None else out
-    if splits > 1:
-        part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
-        ml = torch.empty((batch, num_heads, splits, 2), dtype=torch.float32, device=q.device)
+    if splits > 1:  # partial outputs, then (max, sum) pairs: one allocation
+        size = batch * num_heads * splits * head_dim
+        part = torch.empty(size + batch * num_heads * splits * 2, dtype=torch.float32, device=q.device)
+        ml = part[size:]  # the kernels address both through the strides below
+        s_p = (num_heads * splits * head_dim, splits * head_dim, head_dim)
+        s_m = (num_heads * splits * 2, splits * 2, 2)
     else:
         part = ml = out  # unused
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    s_p = part.stride()[:3] if splits > 1 else (0, 0, 0)
-    s_m = ml.stride()[:3] if splits > 1 else (0, 0, 0)
+        s_p = s_m = (0, 0, 0)
+    q_s, k_s, o_s = q.stride(), k_cache.stride(), out.stride()
+    o_b, o_h = o_s[0], o_s[1]
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, ml,
-        scale, per_split,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), *s_p, *s_m,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, MULTI=splits > 1,
-        IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
-        num_warps=4, num_stages=2,
+        scale, per_split, q_s[0], q_s[1], k_s[0], k_s[1], k_s[2], block_tables.stride(0),
+        o_b, o_h, *s_p, *s_m, MULTI=splits > 1, **consts,
     )
     if splits > 1:
         _merge_kernel[(batch, num_heads)](
-            part, ml, out, splits, *part.stride()[:3], *ml.stride()[:3], out.stride(0), out.stride(1),
-            S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad,
-            num_warps=4,
+            part, ml, out, splits, *s_p, *s_m, o_b, o_h,
+            S_PAD=max(2, 1 << (splits - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
         )
     return out
 

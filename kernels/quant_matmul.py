@@ -319,11 +319,6 @@ _DEVICE_NAME: dict = {}
 _COUNTERS: dict = {}
 
 
-def _ieee(x: torch.Tensor) -> bool:
-    """float32 products in the MMA kernel: float32 inputs, or bf16 in the interpreter (whose bf16 dot is wrong)."""
-    return x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
-
-
 def _counters(device: torch.device) -> torch.Tensor:
     """Split-K arrival counters, one per output tile, zero at rest (the last split of a tile resets
     its counter). Allocated once per device, outside any CUDA graph capture (the runtime's warm-up
@@ -364,6 +359,7 @@ def reset_configs() -> None:
     from inferkit.kernels import tuned
 
     _picked.cache_clear()
+    _plan.cache_clear()
     tuned.clear_cache()
 
 
@@ -405,42 +401,62 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps}
 
 
+@functools.lru_cache(maxsize=4096)
+def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | None, dtype: torch.dtype,
+          device: torch.device, has_zp: bool, config: tuple | None) -> tuple:
+    """Everything about a launch that depends only on shapes, dtypes and the config, worked out
+    once: (kernel, grid, split, counters, constexprs). Eager steps call the matmul hundreds of
+    times per step, so the per-call Python work is kept to allocating the output and launching."""
+    vals = 32 // bits
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if K % vals or KW != K // vals:
+        raise ValueError(f"packed width {KW} does not match {K} inputs at {bits} bits")
+    per_channel = group_size is None or group_size >= K
+    group = K if per_channel else group_size
+    if not per_channel and (group % vals or G != -(-K // group)):
+        raise ValueError(f"group size {group}: must be a multiple of {vals} values per word, with {-(-K // group)} "
+                         f"scales per row (got {G})")
+    cfg = {**dict(_picked(M, N, K, group, device, bits)), **dict(config or ())}
+    if cfg["BK"] // vals < (16 if M > 4 else 1):
+        raise ValueError(f"BK {cfg['BK']} too small: the MMA kernel needs 16 words per step")
+    ieee = dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+    split = cfg["SPLIT_K"]
+    bm = 1 << (M - 1).bit_length() if M <= 4 else 16 if M <= 16 else 32 if M <= 32 or ieee else 64
+    bn = cfg["BN"] if M <= 4 or not ieee else min(cfg["BN"], 64)  # float32 tiles: keep shared memory small
+    tiles_n, tiles_m = -(-N // bn), -(-M // bm)
+    counters = _counters(device) if split > 1 else None
+    if split > 1 and tiles_n * tiles_m > counters.numel():
+        split, counters = 1, None
+    consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, BM=bm, BN=bn, BK=cfg["BK"],
+                  SPLIT_K=split, num_warps=cfg["num_warps"])
+    if M <= 4:
+        return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True)}
+    return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
+        **consts, "IEEE": ieee, "ONE_DOT": cfg.get("ONE_DOT", True), "num_stages": 2}
+
+
 def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                  bits: int, group_size: int | None = None, bias: torch.Tensor | None = None,
                  config: dict | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ dequant(W [N, K]).T → [M, N] in x's dtype.
 
-    ``group_size`` None or >= K: per-channel scales ``[N, 1]``."""
-    assert bits in (4, 8) and w_packed.dtype == torch.int32 and x.dim() == 2
+    ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``config``: tiles and split-K
+    (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones."""
+    if x.dim() != 2 or w_packed.dtype != torch.int32:
+        raise ValueError("quant_matmul: x must be [M, K] and the packed weights int32")
     M, K = x.shape
     N, KW = w_packed.shape
-    vals = 32 // bits
-    assert K % vals == 0 and KW == K // vals, f"packed width {KW} does not match {K} inputs at {bits} bits"
-    per_channel = group_size is None or group_size >= K
-    G = scale.shape[1]
-    group = K if per_channel else group_size
-    assert per_channel or (group % vals == 0 and G == -(-K // group)), "group size: a multiple of the values per word"
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = {**dict(_picked(M, N, K, group, x.device, bits)), **(config or {})}  # cached: eager steps call this a lot
-    assert cfg["BK"] // vals >= (16 if M > 4 else 1), "BK too small for the MMA kernel"
-    split = cfg["SPLIT_K"]
-    bm = triton.next_power_of_2(M) if M <= 4 else 16 if M <= 16 else 32 if M <= 32 or _ieee(x) else 64
-    bn = cfg["BN"] if M <= 4 or not _ieee(x) else min(cfg["BN"], 64)  # float32 tiles: keep shared memory small
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
-    counters = _counters(x.device) if split > 1 else None
-    if split > 1 and grid[0] * grid[1] > counters.numel():
-        split, grid, counters = 1, grid[:2] + (1,), None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    kernel, grid, split, counters, consts = _plan(M, N, K, KW, scale.shape[1], bits, group_size, x.dtype, x.device,
+                                                  zero_point is not None,
+                                                  None if config is None else tuple(sorted(config.items())))
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     z = zero_point if zero_point is not None else scale
-    common = dict(BITS=bits, GROUP=group, HAS_ZP=zero_point is not None, PER_CHANNEL=per_channel,
-                  BM=bm, BN=bn, BK=cfg["BK"], SPLIT_K=split, num_warps=cfg["num_warps"])
-    args = (x, w_packed, scale, z, out, ws, counters if counters is not None else out, M, N, K, KW, G,
-            x.stride(0), w_packed.stride(0), scale.stride(0), z.stride(0), out.stride(0))
-    if M <= 4:
-        _gemv_kernel[(grid[0], split)](*args, VEC_X=cfg.get("VEC_X", True), **common)
-    else:
-        _mma_kernel[grid](*args, IEEE=_ieee(x), ONE_DOT=cfg.get("ONE_DOT", True), num_stages=2, **common)
+    kernel[grid](x, w_packed, scale, z, out, ws, counters if counters is not None else out, M, N, K, KW,
+                 scale.shape[1], x.stride(0), w_packed.stride(0), scale.stride(0), z.stride(0), N, **consts)
     return out if bias is None else out + bias
 
 
