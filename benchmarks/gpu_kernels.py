@@ -6,6 +6,8 @@
 2. Paged decode attention, Llama-3-8B heads (32 query / 8 KV heads, dim 128, bf16, 16-token
    blocks, shuffled): batch 1/16/64 x context 512/4096. KV bytes read / time, against the copy
    bandwidth and against PyTorch SDPA over a contiguous cache of the same K/V.
+   Paged prefill attention (same heads): 4 chunks of 512 new tokens after 0 and 3584 cached
+   ones, the Triton kernel against the PyTorch path (gather + SDPA per chunk).
 3. Dequantizing matmul, K x N = 4096x4096, 4096x14336, 14336x4096 (in x out), batch 1/8/32:
    INT4 (g128, symmetric) and INT8 (per channel) through the Triton kernel, bf16 through
    torch.matmul; time and weight bytes / time. Plus a sweep of INT4 tile configs per shape and
@@ -122,6 +124,46 @@ def attention(copy_bw: float) -> list[dict]:
             rows.append(row)
             print("attention", json.dumps(row), flush=True)
             torch.cuda.empty_cache()
+    return rows
+
+
+def prefill() -> list[dict]:
+    """Paged prefill attention, Llama-3-8B heads, bf16: 4 chunks of 512 new tokens, after no
+    cached prefix and after 3584 cached tokens; the Triton kernel (all chunks in one launch)
+    against the PyTorch path (per chunk: gather the blocks, repeat K/V per query head, SDPA),
+    in TFLOP/s of the causal attention done."""
+    from inferkit.kernels.paged_attention import paged_prefill_attention
+    from inferkit.runtime.attention import prefill_attention
+
+    rows = []
+    heads, kv_heads, dim, bs = 32, 8, 128, 16
+    chunks, n = (2, 24) if SMOKE else (4, 512)
+    for start in ((0, 8) if SMOKE else (0, 3584)):
+        ctx = start + n
+        per = -(-ctx // bs)
+        g = torch.Generator(device=DEV).manual_seed(0)
+        kc = torch.randn(chunks * per + 1, bs, kv_heads, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+        vc = torch.randn_like(kc)
+        tables = torch.randperm(chunks * per, device=DEV, generator=g).view(chunks, per).to(torch.int32)
+        info = torch.tensor([(c * n, start, n) for c in range(chunks)], dtype=torch.int32, device=DEV)
+        q = torch.randn(chunks * n, heads, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+        out = torch.empty_like(q)
+        scale = dim ** -0.5
+
+        def torch_path():
+            for c in range(chunks):
+                out[c * n:(c + 1) * n] = prefill_attention(q[c * n:(c + 1) * n], kc, vc, tables[c].long(), start, scale)
+
+        t_tri = bench(lambda: paged_prefill_attention(q, kc, vc, tables, info, n, scale, out))
+        got = out.float().clone()
+        t_torch = bench(torch_path)
+        err = float((got - out.float()).norm() / out.float().norm())
+        flops = chunks * heads * 4 * dim * (n * start + n * (n + 1) / 2)  # QK^T and PV over the causal keys
+        row = {"chunks": chunks, "new_tokens": n, "cached": start, "triton_us": t_tri * 1e6,
+               "torch_us": t_torch * 1e6, "triton_tflops": flops / t_tri / 1e12, "torch_tflops": flops / t_torch / 1e12,
+               "speedup": t_torch / t_tri, "rel_err_vs_torch": err}
+        rows.append(row)
+        print("prefill", json.dumps(row), flush=True)
     return rows
 
 
@@ -326,6 +368,7 @@ def main() -> None:
     results["copy_gb_s"] = copy_bandwidth() / 1e9
     print(f"memory copy: {results['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     results["attention"] = attention(results["copy_gb_s"] * 1e9)
+    results["prefill"] = prefill()
     results["matmul"], results["int4_config_sweep"] = matmul()
     table = tuned_table(results["int4_config_sweep"], args.out.parent / "tuned", results["device"])
     if table:
@@ -342,6 +385,10 @@ def main() -> None:
         print(f"  attention b{r['batch']:>2} ctx{r['context']:>5}: {r['triton_gb_s']:7.0f} GB/s = "
               f"{100 * r['triton_vs_copy']:5.1f}% of copy (graphed {r['triton_graphed_gb_s']:5.0f} GB/s = "
               f"{100 * r['triton_graphed_vs_copy']:5.1f}%); SDPA contiguous {r['sdpa_gb_s']:7.0f} GB/s")
+    for r in results["prefill"]:
+        print(f"  prefill {r['chunks']} x {r['new_tokens']} new after {r['cached']:>4} cached: Triton "
+              f"{r['triton_us']:8.1f} us ({r['triton_tflops']:.0f} TFLOP/s), PyTorch gather+SDPA {r['torch_us']:8.1f} us "
+              f"({r['torch_tflops']:.0f}): {r['speedup']:.1f}x")
     for r in results["matmul"]:
         print(f"  matmul {r['K']}x{r['N']} M={r['M']:>2}: bf16 {r['bf16_us']:7.1f} us, int8 {r['int8_us']:7.1f} us "
               f"({r['int8_speedup']:.2f}x), int4 {r['int4_us']:7.1f} us ({r['int4_speedup']:.2f}x); graphed: bf16 "

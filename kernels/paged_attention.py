@@ -171,6 +171,104 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+@triton.jit(do_not_specialize=["stride_tb"])  # the tables' width follows the step's longest chunk
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, info_ptr, scale,
+    stride_qt, stride_qh, stride_kblock, stride_kslot, stride_khead, stride_tb, stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Causal attention of a chunk of new tokens over its sequence's cached prefix and itself,
+    through the block table (flash-attention with paged K/V). Program (chunk, query tile, KV
+    head): BLOCK_M tokens x the GROUP query heads of that KV head are the tile's rows, so each K/V
+    tile is read once for all of them; K/V tiles run up to the tile's last position only."""
+    c = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    kvh = tl.program_id(2)
+    row0 = tl.load(info_ptr + c * 3)
+    start = tl.load(info_ptr + c * 3 + 1)
+    n = tl.load(info_ptr + c * 3 + 2)
+    if m0 < n:
+        R: tl.constexpr = BLOCK_M * GROUP_PAD
+        offs_r = tl.arange(0, R)
+        tok = m0 + offs_r // GROUP_PAD  # row r: token m0 + r // GROUP_PAD, query head r % GROUP_PAD
+        head = kvh * GROUP + offs_r % GROUP_PAD
+        r_mask = (tok < n) & (offs_r % GROUP_PAD < GROUP)
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < HEAD_DIM
+        qo_mask = r_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_ptr + (row0 + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=qo_mask, other=0.0)
+        pos = start + tok  # each row's position: it sees keys 0..pos
+        m_i = tl.full([R], float("-inf"), tl.float32)
+        l_i = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, D_PAD], tl.float32)
+        end = tl.minimum(start + m0 + BLOCK_M, start + n)
+        for n0 in range(0, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            block = tl.load(tables_ptr + c * stride_tb + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            rows = block * stride_kblock + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kslot + kvh * stride_khead
+            kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            seen = valid[None, :] & (offs_n[None, :] <= pos[:, None])
+            s = tl.where(seen, s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see nothing
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + (row0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=qo_mask)
+
+
+def prefill_tiles(group: int, head_dim: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the prefill kernel. Tiles of 64 (token, query head) rows by 64 keys
+    in 16-bit dtypes (warpgroup MMAs on sm_90); float32's exact products run on the CUDA cores,
+    in 16 x 32 tiles (larger ones spill registers); the interpreter takes 16 rows, to keep tests
+    quick."""
+    group_pad = 1 << (group - 1).bit_length()
+    fp32 = dtype == torch.float32
+    rows = 16 if interpret or fp32 else 64
+    return max(1, rows // group_pad), 32 if fp32 else 64
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                            info: torch.Tensor, max_len: int, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Every prefill chunk of a step in one launch. q [T, H, D] (the step's rows; K/V of these
+    tokens already stored); tables [C, max_blocks] int32, chunk c's block table; info [C, 3] int32:
+    (first row in q, position of its first token, number of tokens); ``max_len`` bounds the
+    token counts. Writes the chunks' rows of ``out`` [T, H, D] and returns it."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("paged_prefill_attention: unit stride along the head dimension, caches of one layout")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    block_m, block_n = prefill_tiles(group, head_dim, q.dtype)
+    k_s = k_cache.stride()
+    _prefill_kernel[(info.shape[0], -(-max_len // block_m), num_kv_heads)](
+        q, k_cache, v_cache, out, tables, info, scale,
+        q.stride(0), q.stride(1), k_s[0], k_s[1], k_s[2], tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=1 << (group - 1).bit_length(), HEAD_DIM=head_dim,
+        D_PAD=max(16, 1 << (head_dim - 1).bit_length()), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16), num_warps=4, num_stages=2,
+    )
+    return out
+
+
 def reference_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """The same function in plain PyTorch, one sequence at a time, in float32."""

@@ -138,10 +138,32 @@ def paged_attention_kernels(dtype: str = "bf16", group: int = 4, head_dim: int =
     return split, merge
 
 
+PREFILL_SIG = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "tables_ptr": "*i32",
+               "info_ptr": "*i32", "scale": "fp32",
+               **{f"stride_{n}": "i32" for n in ("qt", "qh", "kblock", "kslot", "khead", "tb", "ot", "oh")}}
+
+
+def paged_prefill_kernel(dtype: str = "bf16", group: int = 4, head_dim: int = 128, block_size: int = 16):
+    """The prefill kernel as ``paged_prefill_attention`` launches it on a GPU."""
+    import torch
+
+    from inferkit.kernels.paged_attention import _prefill_kernel, prefill_tiles
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    group_pad = 1 << (group - 1).bit_length()
+    block_m, block_n = prefill_tiles(group, head_dim, torch_dtype, interpret=False)
+    sig = {k: (f"*{dtype}" if v == "*bf16" else v) for k, v in PREFILL_SIG.items()}
+    return compile_for(_prefill_kernel, sig, dict(
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=dtype == "fp32"),
+        num_stages=2, divisible=tuple(k for k in sig if k.startswith("stride_")))
+
+
 def report() -> list[dict]:
     """Every kernel as the launchers compile it for an H100: the benchmark's matmul shapes at
     1/8/32 rows (tiles as ``pick_config`` picks them), decode GEMVs with zero points and small
-    groups, a float32 MMA, and paged attention in each dtype."""
+    groups, a float32 MMA, and paged decode and prefill attention in each dtype (prefill also at
+    the demo model's heads)."""
     import torch
 
     from inferkit.kernels import quant_matmul as qm
@@ -168,10 +190,13 @@ def report() -> list[dict]:
                      "loop_per_weight": c.per_item(weights)})
     for dtype in ("bf16", "fp16", "fp32"):
         split, merge = paged_attention_kernels(dtype)
-        for name, kernel in (("attention-split", split), ("attention-merge", merge)):
+        kernels = [("attention-split", "32/8 heads, dim 128", split), ("attention-merge", "32/8 heads, dim 128", merge),
+                   ("attention-prefill", "32/8 heads, dim 128", paged_prefill_kernel(dtype)),
+                   ("attention-prefill", "9/3 heads, dim 64", paged_prefill_kernel(dtype, group=3, head_dim=64))]
+        for name, heads, kernel in kernels:
             c = inspect(kernel)
-            rows.append({"kernel": name, "dtype": dtype, "registers": c.registers, "spill_bytes": c.spill_bytes,
-                         "loop": dict(c.loop), "all": dict(c.all)})
+            rows.append({"kernel": name, "dtype": dtype, "heads": heads, "registers": c.registers,
+                         "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all)})
     return rows
 
 
@@ -204,7 +229,7 @@ def main() -> None:
                           str(r["spill_bytes"]), str(sum(loop.values())), f"{r['loop_per_weight']:.2f}",
                           str(loop["I2F"] + loop["I2FP"]), top)
         else:
-            table.add_row(f"{r['kernel']} {r['dtype']}", "32/8 heads, dim 128", "", str(r["registers"]),
+            table.add_row(f"{r['kernel']} {r['dtype']}", r["heads"], "", str(r["registers"]),
                           str(r["spill_bytes"]), str(sum(loop.values())), "", "", top)
     Console(width=200).print(table)
 

@@ -18,7 +18,7 @@ class PrefillChunk:
     row: int  # first row of the chunk in the step's flattened tokens
     num_tokens: int
     start: int  # position of its first token in the sequence
-    block_table: torch.Tensor  # [num_blocks] int64
+    block_table: torch.Tensor | list[int]  # [num_blocks] int64 (a list when the Triton kernel takes them all)
 
 
 @dataclass
@@ -34,6 +34,10 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     decode_lens: torch.Tensor | None = None  # [B] int32
     max_decode_len: int = 0  # a bound on decode_lens, known without a device sync
+    # The Triton prefill kernel takes every chunk of the step in one launch:
+    prefill_tables: torch.Tensor | None = None  # [C, max_blocks] int32
+    prefill_info: torch.Tensor | None = None  # [C, 3] int32: first row, first position, tokens
+    max_prefill_len: int = 0
 
 
 class KVCache:
@@ -80,6 +84,11 @@ def paged_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: Attention
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
         out[meta.decode_rows] = decode(q[meta.decode_rows])
+    if meta.prefill_info is not None:
+        from inferkit.kernels.paged_attention import paged_prefill_attention
+
+        return paged_prefill_attention(q, kc, vc, meta.prefill_tables, meta.prefill_info, meta.max_prefill_len,
+                                       scale, out)
     for chunk in meta.prefills:
         rows = slice(chunk.row, chunk.row + chunk.num_tokens)
         out[rows] = prefill_attention(q[rows], kc, vc, chunk.block_table, chunk.start, scale)

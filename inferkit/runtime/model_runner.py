@@ -59,6 +59,8 @@ class ModelRunner:
                     decode_rows.append(row + p - start)
                     decode_tables.append(seq.block_table[: (p + bs) // bs])
                     decode_lens.append(p + 1)
+            elif self.triton:  # one kernel launch for every chunk: tables and (row, start, n) gathered below
+                prefills.append(PrefillChunk(row, n, start, seq.block_table[: -(-(start + n) // bs)]))
             else:
                 table = torch.tensor(seq.block_table[: -(-(start + n) // bs)], dtype=torch.int64, device=self.device)
                 prefills.append(PrefillChunk(row, n, start, table))
@@ -68,6 +70,13 @@ class ModelRunner:
                 sample_rows.extend(range(row, row + n))
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=self.device), prefills=prefills,
                                  triton=self.triton)
+        if prefills and self.triton:
+            width = max(len(c.block_table) for c in prefills)
+            meta.prefill_tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in prefills],
+                                               dtype=torch.int32, device=self.device)
+            meta.prefill_info = torch.tensor([(c.row, c.start, c.num_tokens) for c in prefills], dtype=torch.int32,
+                                             device=self.device)
+            meta.max_prefill_len = max(c.num_tokens for c in prefills)
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]

@@ -150,6 +150,8 @@ def test_gpu_benchmark_smoke_writes_a_table_the_runtime_reads(tmp_path):
     results = json.loads(out.read_text())
     assert [(r["K"], r["N"], r["M"]) for r in results["matmul"]] == [(256, 128, 1), (256, 128, 8), (256, 128, 32)]
     assert all(r["int4_rel_err"] < 2e-2 and r["tuned_graphed_int4_us"] > 0 for r in results["matmul"])
+    assert [(r["cached"], r["new_tokens"]) for r in results["prefill"]] == [(0, 24), (8, 24)]
+    assert all(r["rel_err_vs_torch"] < 2e-2 for r in results["prefill"])
     device, entries = tuned.read_table(Path(results["tuned_table"]))
     assert device == "cpu (smoke)" and Path(results["tuned_table"]).name == "cpu_smoke.json"
     assert [(e["M"], e["BN"], e["SPLIT_K"]) for e in entries] == [(1, 16, 2), (8, 16, 2), (32, 16, 2)]

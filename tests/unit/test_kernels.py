@@ -86,6 +86,48 @@ def quant_case(M, N, K, bits, group_size, asym, dtype, seed=0):
     return dev(x), dev(pack_int32(q, bits, dim=1)), dev(scale), dev(zero)
 
 
+def prefill_case(chunks, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """Chunks (start, n) of different sequences in one step: each sequence's K/V for positions
+    0..start+n-1 in shuffled blocks, q rows for its n new tokens (stacked in chunk order, with a
+    decode-like spare row between chunks that the kernel must leave alone)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_each = [-(-(start + n) // block_size) for start, n in chunks]
+    num_blocks = sum(blocks_each) + 1
+    kc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(chunks), max(blocks_each), dtype=torch.int32)
+    info, row = [], 0
+    for c, ((start, n), count) in enumerate(zip(chunks, blocks_each)):
+        tables[c, :count] = torch.tensor([perm.pop() for _ in range(count)], dtype=torch.int32)
+        info.append((row, start, n))
+        row += n + 1
+    q = torch.randn(row, num_heads, head_dim, generator=g).to(dtype)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    return dev(q), dev(kc), dev(vc), dev(tables), dev(torch.tensor(info, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (8, 1)], ids=lambda h: f"gqa{h[0] // h[1]}")
+@pytest.mark.parametrize("block_size,chunks", [(16, [(0, 21), (5, 3), (40, 17)]), (8, [(0, 1), (13, 40)]),
+                                               (4, [(0, 9), (2, 2), (0, 16)])])
+def test_paged_prefill_matches_reference(dtype, heads, block_size, chunks):
+    """Causal attention over the cached prefix plus the chunk, several chunks in one launch, against
+    the PyTorch path (gathered blocks + SDPA); rows outside the chunks stay untouched."""
+    from inferkit.kernels.paged_attention import paged_prefill_attention
+    from inferkit.runtime.attention import prefill_attention
+
+    q, kc, vc, tables, info = prefill_case(chunks, heads[0], heads[1], 24, block_size, dtype)
+    scale = 24 ** -0.5
+    out = torch.full_like(q, 7.0)
+    paged_prefill_attention(q, kc, vc, tables, info, max(n for _, n in chunks), scale, out)
+    for c, (row, start, n) in enumerate(info.tolist()):
+        table = tables[c, : -(-(start + n) // block_size)].long()
+        ref = prefill_attention(q[row:row + n].float(), kc.float(), vc.float(), table, start, scale)
+        assert rel_err(out[row:row + n], ref) < TOL[dtype], (c, start, n)
+        assert (out[row + n] == 7.0).all()  # the spare row after each chunk
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128, None], ids=lambda g: f"g{g}" if g else "ch")
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
@@ -267,6 +309,27 @@ def test_runtime_greedy_is_identical_with_the_triton_backends(tiny_llama, w4_art
     assert [o.token_ids for o in tri.generate(PROMPTS, greedy)] == [o.token_ids for o in ref.generate(PROMPTS, greedy)]
     ids = list(range(3, 40))
     assert (tri.score(ids) - ref.score(ids)).abs().max() < 1e-4
+
+
+def test_runtime_chunked_prefill_mixed_with_decodes_on_the_triton_kernels(tiny_llama):
+    """A small token budget splits the long prompt into chunks that start mid-sequence and share
+    steps with other sequences' decodes: the prefill kernel (all chunks of a step in one launch)
+    and the decode kernel together give the reference backend's tokens."""
+    from inferkit.runtime import LLM, SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 17, 30, 2, 99, 7, 8, 9, 10, 11, 12], list(range(40, 75)), [300, 2, 3]]
+    ref = LLM(tiny_llama, device=DEVICE, linear_backend="reference", attention_backend="torch")
+    tri = LLM(tiny_llama, device=DEVICE, attention_backend="triton", block_size=4, cuda_graphs=False,
+              max_num_batched_tokens=16)
+    steps = []
+    forward = tri.engine.model.forward
+    tri.engine.model.forward = lambda ids, pos, meta, *a: (steps.append(meta), forward(ids, pos, meta, *a))[1]
+    assert [o.token_ids for o in tri.generate(prompts, greedy)] == [o.token_ids for o in ref.generate(prompts, greedy)]
+    mid = [m for m in steps if m.prefill_info is not None and (m.prefill_info[:, 1] > 0).any()]
+    mixed = [m for m in mid if m.decode_rows is not None]
+    assert mid and mixed  # chunks starting mid-sequence, some in steps with decodes
+    assert max(len(m.prefill_info) for m in steps if m.prefill_info is not None) >= 2  # several chunks, one launch
 
 
 def test_triton_backend_errors(tiny_llama, monkeypatch):

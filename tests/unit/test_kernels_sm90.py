@@ -53,8 +53,14 @@ def test_mma_kernels_compile_with_tensor_cores_and_no_spills_in_the_loop(report)
 
 def test_paged_attention_compiles_without_spills(report):
     attention = [r for r in report if r["kernel"].startswith("attention")]
-    assert {(r["kernel"], r["dtype"]) for r in attention} == {
-        (k, d) for k in ("attention-split", "attention-merge") for d in ("bf16", "fp16", "fp32")}
+    assert sorted((r["kernel"], r["dtype"]) for r in attention) == sorted(
+        [(k, d) for k in ("attention-split", "attention-merge") for d in ("bf16", "fp16", "fp32")]
+        + [("attention-prefill", d) for d in ("bf16", "fp16", "fp32") for _ in range(2)])
     for r in attention:
         assert r["spill_bytes"] == 0, r
     assert all(r["all"].get("HMMA", 0) > 0 for r in attention if r["kernel"] == "attention-split" and r["dtype"] != "fp32")
+    # prefill tiles of 64 (token, head) rows: warpgroup MMAs in 16-bit dtypes, exact float32 on the CUDA cores
+    for r in attention:
+        if r["kernel"] == "attention-prefill":
+            assert (r["all"].get("HGMMA", 0) > 0) == (r["dtype"] != "fp32"), r
+            assert r["dtype"] != "fp32" or r["loop"].get("FFMA", 0) > 0
