@@ -50,3 +50,24 @@ def test_quant_matmul_variants_stay_bounded_across_row_counts():
     if after is None:
         pytest.skip("this Triton keeps its compiled kernels elsewhere")
     assert after + compiled_variants(_mma_kernel) - before <= 12
+
+
+def test_prefill_compiles_once_across_chunk_counts_and_table_widths():
+    """Steps bring any number of chunks, of any length, with block tables as wide as the longest:
+    none of that is a compile-time value."""
+    from inferkit.kernels.paged_attention import _prefill_kernel, paged_prefill_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kc = torch.randn(300, 16, 3, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn_like(kc)
+    before = compiled_variants(_prefill_kernel) or 0
+    for chunks, n, start, width in ((1, 5, 0, 1), (2, 17, 3, 2), (3, 64, 100, 11), (4, 33, 31, 16), (2, 200, 700, 57)):
+        q = torch.randn(chunks * n, 9, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        tables = torch.randint(0, 300, (chunks, width), device="cuda", dtype=torch.int32, generator=g)
+        info = torch.tensor([(c * n, start, n) for c in range(chunks)], dtype=torch.int32, device="cuda")
+        paged_prefill_attention(q, kc, vc, tables, info, n, 0.125, torch.empty_like(q))
+    torch.cuda.synchronize()
+    after = compiled_variants(_prefill_kernel)
+    if after is None:
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    assert after - before <= 1, after - before
