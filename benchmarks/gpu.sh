@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .gpu/wheels .gpu/demo
-  python -m pip download -q --only-binary=:all: -d .gpu/wheels pytest
+  python -m pip download -q --only-binary=:all: -d .gpu/wheels pytest pytest-xdist
   demo=$(python -c "from inferkit.models.demo import fetch_demo; print(fetch_demo())")
   cp "$demo"/config.json "$demo"/tokenizer* "$demo"/generation_config.json .gpu/demo/
   exit 0
@@ -14,7 +14,8 @@ fi
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python -c "import pytest" 2>/dev/null || python -m pip install -q --no-index .gpu/wheels/*.whl
+# pytest and pytest-xdist (compiles run in parallel over 8 workers) from the prepared wheels
+python -c "import pytest, xdist" 2>/dev/null || python -m pip install -q --no-index --find-links .gpu/wheels pytest pytest-xdist
 # No package index there: install without build isolation, or map the package folders by hand.
 if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; then
   export PYTHONPATH=$PWD

@@ -20,6 +20,8 @@ def test_growing_contexts_compile_a_handful_of_attention_variants():
     g = torch.Generator(device="cuda").manual_seed(0)
     kc = torch.randn(200, 16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g)
     vc = torch.randn_like(kc)
+    # other tests in this process may have compiled other shapes: count what this one adds
+    split0, merge0 = compiled_variants(_decode_split_kernel) or 0, compiled_variants(_merge_kernel) or 0
     for batch in (1, 3):
         q = torch.randn(batch, 8, 64, device="cuda", dtype=torch.bfloat16, generator=g)
         tables = torch.randint(0, 200, (batch, 128), device="cuda", dtype=torch.int32, generator=g)
@@ -30,7 +32,8 @@ def test_growing_contexts_compile_a_handful_of_attention_variants():
     split, merge = compiled_variants(_decode_split_kernel), compiled_variants(_merge_kernel)
     if split is None or merge is None:
         pytest.skip("this Triton keeps its compiled kernels elsewhere")
-    assert split <= 4 and merge <= 8, (split, merge)  # one / several splits; powers of two
+    split, merge = split - split0, merge - merge0
+    assert split <= 2 and merge <= 6, (split, merge)  # one split or several; merges of 2..32 splits
 
 
 def test_quant_matmul_variants_stay_bounded_across_row_counts():
