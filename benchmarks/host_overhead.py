@@ -1,4 +1,4 @@
-"""Host-side cost of each Triton kernel's Python wrapper, with the launch itself stubbed out.
+"""Host-side cost of each Triton kernel's Python wrapper (launch stubbed out) and of a step's input preparation.
 
     python benchmarks/host_overhead.py [--out benchmarks/results/host_overhead.json]
 
@@ -35,6 +35,27 @@ def per_call_us(fn, calls: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
     return best * 1e6
+
+
+def prepare_rows(calls: int) -> list[dict]:
+    """ModelRunner.prepare for an eager mixed step: 32 decodes at contexts ~900-1100 plus one
+    480-token prefill chunk after 1000 cached tokens (16-token blocks), for each attention backend."""
+    from types import SimpleNamespace
+
+    from inferkit.runtime.model_runner import Chunk, ModelRunner
+
+    seqs = [SimpleNamespace(token_ids=list(range(900 + 7 * i)), block_table=list(range(i * 100, i * 100 + 70)))
+            for i in range(32)]
+    long = SimpleNamespace(token_ids=list(range(2000)), block_table=list(range(5000, 5126)))
+    chunks = [Chunk(s, len(s.token_ids) - 1, 1) for s in seqs] + [Chunk(long, 1000, 480)]
+    rows = []
+    for backend in ("torch", "triton"):
+        runner = ModelRunner.__new__(ModelRunner)  # prepare needs only these
+        runner.block_size, runner.device, runner.triton = 16, torch.device("cpu"), backend == "triton"
+        runner.cache = SimpleNamespace(zero_slot=10**6, block_size=16)
+        rows.append({"wrapper": f"ModelRunner.prepare ({backend} attention)",
+                     "shape": "32 decodes + a 480-token chunk", "us": per_call_us(lambda: runner.prepare(chunks), calls)})
+    return rows
 
 
 def main() -> None:
@@ -78,7 +99,10 @@ def main() -> None:
         rows.append({"wrapper": "store_kv", "shape": f"{batch} tokens, 8 heads of 128",
                      "us": per_call_us(lambda: kv_cache.store_kv(k, k, kc, vc, slots), args.calls)})
 
-    table = Table(title="Kernel wrappers' host time per call (launch stubbed out; best of 5)")
+    rows += prepare_rows(args.calls // 10)
+
+    table = Table(title="Host time per call: kernel wrappers (launch stubbed out) and a step's input "
+                        "preparation (best of 5)")
     for col in ("wrapper", "shape", "us per call"):
         table.add_column(col)
     for r in rows:

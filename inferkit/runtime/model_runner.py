@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from inferkit.runtime.attention import AttentionMetadata, KVCache, PrefillChunk, decode_slots
@@ -41,57 +42,80 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, max_model_len, max_graph_batch)
 
     def prepare(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat token ids, positions, attention metadata, and the rows whose logits are kept."""
+        """Flat token ids, positions, attention metadata, and the rows whose logits are kept.
+        Host-side arrays are filled through numpy and cross to the device in one copy per dtype
+        (eager steps, mixed prefill/decode ones included, pay this every step)."""
         bs = self.block_size
-        ids, positions, slots, sample_rows = [], [], [], []
+        total = sum(item.num_tokens for item in chunks)
+        sample_rows: list[int] = []
         decode_rows, decode_tables, decode_lens, prefills = [], [], [], []
+        flat = np.empty((3, total), dtype=np.int64)  # token ids, positions, cache slots
+        ids, positions, slots = flat
+        row = 0
         for item in chunks:
             seq, start, n = item.seq, item.start, item.num_tokens
-            row = len(ids)
-            ids += seq.token_ids[start:start + n]
-            for p in range(start, start + n):
-                positions.append(p)
-                slots.append(seq.block_table[p // bs] * bs + p % bs)
+            table = seq.block_table
+            if n == 1:
+                ids[row] = seq.token_ids[start]
+                positions[row] = start
+                slots[row] = table[start // bs] * bs + start % bs
+            else:
+                ps = np.arange(start, start + n)
+                first = start // bs
+                ids[row:row + n] = seq.token_ids[start:start + n]
+                positions[row:row + n] = ps
+                slots[row:row + n] = np.asarray(table[first:(start + n - 1) // bs + 1])[ps // bs - first] * bs + ps % bs
             if n <= SHORT_CHUNK and (n == 1 or start > 0):
                 # Each token attends as a decode row over positions 0..p: one batched attention
                 # call for a speculative verify (k+1 tokens) instead of a masked prefill.
                 for p in range(start, start + n):
                     decode_rows.append(row + p - start)
-                    decode_tables.append(seq.block_table[: (p + bs) // bs])
+                    decode_tables.append(table[: p // bs + 1])
                     decode_lens.append(p + 1)
             elif self.triton:  # one kernel launch for every chunk: tables and (row, start, n) gathered below
-                prefills.append(PrefillChunk(row, n, start, seq.block_table[: -(-(start + n) // bs)]))
+                prefills.append(PrefillChunk(row, n, start, table[: -(-(start + n) // bs)]))
             else:
-                table = torch.tensor(seq.block_table[: -(-(start + n) // bs)], dtype=torch.int64, device=self.device)
-                prefills.append(PrefillChunk(row, n, start, table))
+                blocks = torch.tensor(table[: -(-(start + n) // bs)], dtype=torch.int64, device=self.device)
+                prefills.append(PrefillChunk(row, n, start, blocks))
             if item.logits == "last":
                 sample_rows.append(row + n - 1)
             elif item.logits == "all":
                 sample_rows.extend(range(row, row + n))
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64, device=self.device), prefills=prefills,
-                                 triton=self.triton)
-        if prefills and self.triton:
+            row += n
+        num_decodes = len(decode_rows)
+        if num_decodes:  # decode rows ride along with the flat int64 inputs
+            flat = np.concatenate([flat.ravel(), np.asarray(decode_rows, dtype=np.int64)])
+        dev64 = torch.from_numpy(flat.ravel()).to(self.device)
+        meta = AttentionMetadata(dev64[2 * total:3 * total], prefills=prefills, triton=self.triton)
+        if prefills and self.triton:  # block tables [C, width] then (row, start, n) per chunk: one int32 copy
             width = max(len(c.block_table) for c in prefills)
-            meta.prefill_tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in prefills],
-                                               dtype=torch.int32, device=self.device)
-            meta.prefill_info = torch.tensor([(c.row, c.start, c.num_tokens) for c in prefills], dtype=torch.int32,
-                                             device=self.device)
+            host = np.zeros(len(prefills) * (width + 3), dtype=np.int32)
+            tables = host[: len(prefills) * width].reshape(len(prefills), width)
+            info = host[len(prefills) * width:].reshape(len(prefills), 3)
+            for i, c in enumerate(prefills):
+                tables[i, : len(c.block_table)] = c.block_table
+                info[i] = (c.row, c.start, c.num_tokens)
+            dev32 = torch.from_numpy(host).to(self.device)
+            meta.prefill_tables = dev32[: len(prefills) * width].view(len(prefills), width)
+            meta.prefill_info = dev32[len(prefills) * width:].view(len(prefills), 3)
             meta.max_prefill_len = max(c.num_tokens for c in prefills)
-        if decode_rows:
+        if num_decodes:
+            meta.decode_rows = dev64[3 * total:]
+            meta.all_decode = num_decodes == total
             width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=self.device)
-            meta.all_decode = len(decode_rows) == len(ids)
-        if decode_rows and self.triton:  # the kernel walks the block tables itself
-            meta.decode_tables = torch.tensor(padded, dtype=torch.int32, device=self.device)
-            meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int32, device=self.device)
-            meta.max_decode_len = max(decode_lens)
-        elif decode_rows:
-            meta.decode_slots, meta.decode_mask = decode_slots(
-                torch.tensor(padded, dtype=torch.int64, device=self.device),
-                torch.tensor(decode_lens, dtype=torch.int64, device=self.device), bs, self.cache.zero_slot)
-        tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=self.device)  # noqa: E731
-        return tensor(ids), tensor(positions), meta, sample_rows
+            host = np.zeros(num_decodes * (width + 1), dtype=np.int32 if self.triton else np.int64)
+            tables = host[: num_decodes * width].reshape(num_decodes, width)
+            for i, t in enumerate(decode_tables):
+                tables[i, : len(t)] = t
+            host[num_decodes * width:] = decode_lens
+            dev = torch.from_numpy(host).to(self.device)
+            dev_tables, dev_lens = dev[: num_decodes * width].view(num_decodes, width), dev[num_decodes * width:]
+            if self.triton:  # the kernel walks the block tables itself
+                meta.decode_tables, meta.decode_lens = dev_tables, dev_lens
+                meta.max_decode_len = max(decode_lens)
+            else:
+                meta.decode_slots, meta.decode_mask = decode_slots(dev_tables, dev_lens, bs, self.cache.zero_slot)
+        return dev64[:total], dev64[total:2 * total], meta, sample_rows
 
     def compute(self, chunks: list[Chunk], on_host: bool = True) -> torch.Tensor:
         """Run the chunks; logits (float32) of the rows they asked for, in order, on the CPU

@@ -266,3 +266,41 @@ def test_graph_decode_staging_fills_what_the_kernels_read():
         for pad in range(len(starts), 4):
             assert vec[:, pad].tolist() == [0, 0, -1] and int(lens[pad]) == 1 and int(tables[pad, 0]) == 99
     assert vec[:, 0].tolist() == [103, 3, 31] and tables[0, :1].tolist() == [7]
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+def test_prepare_lays_out_a_mixed_step(triton):
+    """A step with a decode, a speculative verify (3 tokens mid-sequence), a prefill from 0 and a
+    chunk starting mid-block: every row's token, position and slot, which rows attend as decodes
+    (with their tables and lengths), the prefill chunks and the sampled rows."""
+    from types import SimpleNamespace
+
+    from inferkit.runtime.model_runner import Chunk, ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.block_size, runner.device, runner.triton = 4, torch.device("cpu"), triton
+    runner.cache = SimpleNamespace(zero_slot=400, block_size=4)
+    a = SimpleNamespace(token_ids=list(range(100, 120)), block_table=[7, 3, 11, 5, 2])
+    b = SimpleNamespace(token_ids=list(range(200, 211)), block_table=[4, 8, 6])
+    c = SimpleNamespace(token_ids=list(range(300, 312)), block_table=[9, 1, 12])
+    d = SimpleNamespace(token_ids=list(range(400, 430)), block_table=[20, 21, 22, 23, 24, 25, 26, 27])
+    chunks = [Chunk(a, 17, 1), Chunk(b, 8, 3, "all"), Chunk(c, 0, 12, "none"), Chunk(d, 6, 13)]
+    ids, positions, meta, rows = runner.prepare(chunks)
+    want = [(s, p) for ch, s in zip(chunks, (a, b, c, d)) for p in range(ch.start, ch.start + ch.num_tokens)]
+    assert ids.tolist() == [s.token_ids[p] for s, p in want]
+    assert positions.tolist() == [p for _, p in want]
+    assert meta.slot_mapping.tolist() == [s.block_table[p // 4] * 4 + p % 4 for s, p in want]
+    assert rows == [0, 1, 2, 3, 28]  # a's last, all of b's, none of c's, d's last
+    assert meta.decode_rows.tolist() == [0, 1, 2, 3] and not meta.all_decode
+    lens = [18, 9, 10, 11]
+    tables = [a.block_table[:5], b.block_table[:3], b.block_table[:3], b.block_table[:3]]
+    if triton:
+        assert meta.decode_lens.tolist() == lens and meta.max_decode_len == 18
+        assert meta.decode_tables.tolist() == [t + [0] * (5 - len(t)) for t in tables]
+        assert meta.prefill_info.tolist() == [[4, 0, 12], [16, 6, 13]] and meta.max_prefill_len == 13
+        assert meta.prefill_tables.tolist() == [c.block_table + [0] * 2, d.block_table[:5]]
+    else:
+        assert meta.decode_slots.tolist()[0][:18] == [a.block_table[p // 4] * 4 + p % 4 for p in range(18)]
+        assert meta.decode_mask[:, 0, 0].sum(1).tolist() == lens
+        assert [(ch.row, ch.start, ch.num_tokens, ch.block_table.tolist()) for ch in meta.prefills] == [
+            (4, 0, 12, c.block_table), (16, 6, 13, d.block_table[:5])]
