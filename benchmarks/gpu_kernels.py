@@ -252,7 +252,7 @@ def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: floa
 
     if M <= 4:  # third field: the inputs as 16-byte vectors split in registers (VEC_X) or strided loads
         tiles = [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]
-        splits = (1, 4, 8)
+        splits = (1, 4, 8, 16)
     else:  # the MMA kernel: one dot per tile, or one per value position
         tiles = [(64, 4, True), (128, 4, True), (64, 4, False)]
         splits = (1, 4)  # about 30 compiles in all: the sweep must fit gpu.sh's few minutes

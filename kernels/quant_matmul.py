@@ -396,7 +396,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
         # (rows tile, split) pair is a separate compile
         tiles, want = -(-N // bn) * -(-M // (16 if M <= 16 else 32)), int(0.9 * sms) if M <= 32 else 0
     split = 1
-    while tiles * split < want and split < 8 and K // (bk * split * 2) >= 2:
+    while tiles * split < want and split < 16 and K // (bk * split * 2) >= 2:
         split *= 2
     return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps}
 

@@ -222,6 +222,7 @@ def test_config_heuristic(monkeypatch):
     monkeypatch.setitem(qm._SM_COUNT, cuda, 132)  # an H100
     # decode: a tile is one group along K, 4 rows per thread, K split to ~4 programs per SM
     assert pick_config(1, 14336, 4096, 128, cuda) == {"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 4}
+    assert pick_config(1, 4096, 14336, 128, cuda)["SPLIT_K"] == 16  # 32 tiles: 512 programs
     assert pick_config(1, 576, 576, 64, cuda) == {"BN": 256, "BK": 64, "SPLIT_K": 4, "num_warps": 4}
     assert pick_config(1, 4096, 4096, 4096, cuda)["BK"] == 256  # per channel
     assert pick_config(1, 128256, 2048, 128, cuda)["SPLIT_K"] == 1  # a vocabulary head fills the GPU alone
