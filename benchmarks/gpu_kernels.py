@@ -407,6 +407,29 @@ def main() -> None:
                 print(f"  e2e runtime ({tag}) failed: {e.get(f'runtime_{tag}_error')}")
         print(f"  e2e transformers generate(): batch 1 {e['transformers_batch1_tok_s']:.0f} tok/s, batch 32 "
               f"{e['transformers_batch32_tok_s']:.0f}; speedup {e['speedup_batch1']:.1f}x / {e['speedup_batch32']:.1f}x")
+    print_targets(results)
+
+
+def print_targets(results: dict) -> None:
+    """The issue's three GPU targets, each with the figure that decides it."""
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
+    print("\ntargets")
+    att = [r for r in results["attention"] if r["batch"] == 64 and r["context"] == 4096]
+    if att:
+        best = max(att[0]["triton_vs_copy"], att[0]["triton_graphed_vs_copy"])
+        print(f"  paged decode attention, batch 64 x 4096: {100 * best:.1f}% of copy bandwidth (>= 70%): "
+              f"{verdict(best >= 0.7)}")
+    mm = [r for r in results["matmul"] if (r["K"], r["N"], r["M"]) == (4096, 14336, 1)]
+    if mm:
+        r = mm[0]
+        best = max(r["int4_speedup"], r["graphed_int4_speedup"], r.get("tuned_graphed_int4_speedup", 0))
+        print(f"  INT4 matmul, batch 1, 4096x14336: {r['int4_speedup']:.2f}x bf16 per call (do_bench), "
+              f"{r['graphed_int4_speedup']:.2f}x graphed, {r.get('tuned_graphed_int4_speedup', 0):.2f}x with the best "
+              f"swept tiles (>= 2.5x): {verdict(best >= 2.5)}")
+    e = results.get("end_to_end", {})
+    if "speedup_batch1" in e:
+        print(f"  runtime decode, batch 1, Llama-1B shape: {e['speedup_batch1']:.1f}x generate() (>= 8x): "
+              f"{verdict(e['speedup_batch1'] >= 8)}")
 
 
 if __name__ == "__main__":
