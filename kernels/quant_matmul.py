@@ -407,9 +407,9 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     """Everything about a launch that depends only on shapes, dtypes and the config, worked out
     once: (kernel, grid, split, counters, constexprs). Eager steps call the matmul hundreds of
     times per step, so the per-call Python work is kept to allocating the output and launching."""
-    vals = 32 // bits
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    vals = 32 // bits
     if K % vals or KW != K // vals:
         raise ValueError(f"packed width {KW} does not match {K} inputs at {bits} bits")
     per_channel = group_size is None or group_size >= K

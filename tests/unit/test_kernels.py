@@ -344,3 +344,17 @@ def test_triton_backend_errors(tiny_llama, monkeypatch):
         with pytest.raises(InferkitError, match="linear_backend=triton needs a CUDA device"):
             LLM(tiny_llama, linear_backend="triton")
         assert LLM(tiny_llama).engine.backends == {"linear": "torch", "attention": "torch"}
+
+
+def test_quant_matmul_refuses_bad_arguments_with_the_reason():
+    x, w, s, z = quant_case(1, 24, 96, 4, 32, False, torch.float32, seed=7)
+    with pytest.raises(ValueError, match="bits must be 4 or 8, got 3"):
+        quant_matmul(x, w, s, z, 3, 32)
+    with pytest.raises(ValueError, match="packed width 12 does not match 192 inputs"):
+        quant_matmul(torch.cat([x, x], 1), w, s, z, 4, 32)
+    with pytest.raises(ValueError, match="group size 48: must be a multiple of 8 values per word, with 2 scales"):
+        quant_matmul(x, w, s, z, 4, 48)
+    with pytest.raises(ValueError, match="BK 64 too small"):
+        quant_matmul(torch.cat([x] * 5), w, s, z, 4, 32, config={"BK": 64})
+    with pytest.raises(ValueError, match="x must be"):
+        quant_matmul(x[0], w, s, z, 4, 32)
