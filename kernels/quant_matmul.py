@@ -14,8 +14,11 @@ visit K in any order). Nothing is written but the output (and split-K partials).
 - ``gemv``: 1-4 rows (decode). Each program owns BN output channels; multiply-and-sum on the
   CUDA cores (a 16-row MMA tile would be mostly padding); zero points enter once per row and
   group through the sum of the group's inputs.
-- ``mma``: more rows: one ``tl.dot`` per value position, on weights dequantized to the
-  activation dtype.
+- ``mma``: more rows: the tile's values dequantized to the activation dtype and joined back
+  into the inputs' order for one ``tl.dot`` per tile (``ONE_DOT``; or one dot per value position).
+
+Tiles come from ``pick_config``'s heuristic, or from a measured table for the GPU model
+(``inferkit.kernels.tuned``); each shape's launch is planned once (``_plan``).
 
 Both split K across programs when the output alone has too few tiles to fill the GPU: each
 split writes a float32 partial, and the last split of a tile adds them in split order
