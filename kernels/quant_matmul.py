@@ -73,8 +73,9 @@ def _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS: tl.constexpr, BK
 
 
 @triton.jit
-def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
-            tile, pid_k, BM: tl.constexpr, BN: tl.constexpr, PER_CHANNEL: tl.constexpr, SPLIT_K: tl.constexpr):
+def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
+            tile, pid_k, BM: tl.constexpr, BN: tl.constexpr, PER_CHANNEL: tl.constexpr, SPLIT_K: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
     """Store the tile. Split K: each split writes its float32 partial to the workspace and counts
     itself in on the tile's counter; the last one in adds the SPLIT_K partials in split order
     (deterministic: the same bits whichever split finishes last), stores, and resets the counter
@@ -84,6 +85,8 @@ def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask
     mask = m_mask[:, None] & n_mask[None, :]
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -94,6 +97,8 @@ def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask
             total = tl.zeros([BM, BN], tl.float32)
             for k in tl.static_range(SPLIT_K):
                 total += tl.load(ws + k * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
             tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
@@ -196,9 +201,9 @@ def _sum_columns(xs, VALS: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr):
     """Works on the packed words in place: value j of every word meets input ``VALS*w + j``, so
     no unpacked tile is ever laid out. Per value: one AND and one multiply-add make it a float
@@ -258,14 +263,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
                 part = tl.sum(s * (t - z * xsum[None, :]), 1) if HAS_ZP else tl.sum(s * t, 1)
             acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
         offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
-    _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
-            pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K)
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
+            pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])  # mixed prefill/decode steps bring any row count: one compile, not three
-def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
+def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
                 ONE_DOT: tl.constexpr):
     """Dequantize a [BN, BK] tile in registers and multiply on the tensor cores. ONE_DOT: the
@@ -313,8 +318,8 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
                     acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
                 else:
                     acc += tl.dot(x, tl.trans(w))
-    _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
-            pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K)
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
+            pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
 
 _SM_COUNT: dict = {}
@@ -406,7 +411,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | None, dtype: torch.dtype,
-          device: torch.device, has_zp: bool, config: tuple | None) -> tuple:
+          device: torch.device, has_zp: bool, has_bias: bool, config: tuple | None) -> tuple:
     """Everything about a launch that depends only on shapes, dtypes and the config, worked out
     once: (kernel, grid, split, counters, constexprs). Eager steps call the matmul hundreds of
     times per step, so the per-call Python work is kept to allocating the output and launching."""
@@ -431,7 +436,8 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     counters = _counters(device) if split > 1 else None
     if split > 1 and tiles_n * tiles_m > counters.numel():
         split, counters = 1, None
-    consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, BM=bm, BN=bn, BK=cfg["BK"],
+    consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm, BN=bn,
+                  BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
     if M <= 4:
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True)}
@@ -444,7 +450,8 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
                  config: dict | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ dequant(W [N, K]).T → [M, N] in x's dtype.
 
-    ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``config``: tiles and split-K
+    ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``bias`` [N] (contiguous) is added
+    in the kernel, in float32, before the output's rounding. ``config``: tiles and split-K
     (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:
         raise ValueError("quant_matmul: x must be [M, K] and the packed weights int32")
@@ -452,15 +459,20 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     N, KW = w_packed.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if bias is not None:
+        if bias.shape != (N,):
+            raise ValueError(f"quant_matmul: bias of shape {tuple(bias.shape)} for {N} outputs")
+        bias = bias if bias.stride(0) == 1 else bias.contiguous()
     kernel, grid, split, counters, consts = _plan(M, N, K, KW, scale.shape[1], bits, group_size, x.dtype, x.device,
-                                                  zero_point is not None,
+                                                  zero_point is not None, bias is not None,
                                                   None if config is None else tuple(sorted(config.items())))
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     z = zero_point if zero_point is not None else scale
-    kernel[grid](x, w_packed, scale, z, out, ws, counters if counters is not None else out, M, N, K, KW,
-                 scale.shape[1], x.stride(0), w_packed.stride(0), scale.stride(0), z.stride(0), N, **consts)
-    return out if bias is None else out + bias
+    kernel[grid](x, w_packed, scale, z, bias if bias is not None else scale, out, ws,
+                 counters if counters is not None else out, M, N, K, KW, scale.shape[1], x.stride(0),
+                 w_packed.stride(0), scale.stride(0), z.stride(0), N, **consts)
+    return out
 
 
 def reference_quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor,

@@ -92,7 +92,7 @@ def inspect(kernel) -> Compiled:
     return Compiled(num("REG"), num("STACK") + num("LOCAL"), num("SHARED"), _opcodes(body), _opcodes(lines))
 
 
-GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "out_ptr": "*bf16",
+GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KW": "i32", "G": "i32",
             "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_zn": "i32", "stride_om": "i32"}
 GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_om")
@@ -104,7 +104,8 @@ def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, 
     """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations)."""
     from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel
 
-    consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, BN=BN, BK=BK, SPLIT_K=split)
+    consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, HAS_BIAS=False, BN=BN, BK=BK,
+                  SPLIT_K=split)
     if M <= 4:
         return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M), "VEC_X": vec_x},
                            num_warps=num_warps, divisible=GEMV_DIVISIBLE)

@@ -346,6 +346,23 @@ def test_triton_backend_errors(tiny_llama, monkeypatch):
         assert LLM(tiny_llama).engine.backends == {"linear": "torch", "attention": "torch"}
 
 
+@pytest.mark.parametrize("M", [1, 3, 9])
+@pytest.mark.parametrize("split", [1, 3])
+def test_quant_matmul_adds_the_bias_in_the_kernel(M, split):
+    """Bias added before the output's rounding, in the GEMV and MMA kernels, with and without
+    split-K (the last split adds it), whatever the bias dtype."""
+    for dtype, bias_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                              (torch.float16, torch.float32)):
+        x, w, s, z = quant_case(M, 40, 256, 4, 64, True, dtype, seed=M + split)
+        bias = (torch.randn(40, generator=torch.Generator().manual_seed(split)) * 3).to(bias_dtype).to(DEVICE)
+        cfg = {"SPLIT_K": split, "BN": 16, **({"BK": 64} if M <= 4 else {})}
+        out = quant_matmul(x, w, s, z, 4, 64, bias=bias, config=cfg)
+        ref = reference_quant_matmul(x, w, s, z, 4, 64).cpu() + bias.double().cpu()
+        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype], (dtype, bias_dtype)
+    with pytest.raises(ValueError, match="bias of shape \\(41,\\) for 40 outputs"):
+        quant_matmul(x, w, s, z, 4, 64, bias=torch.zeros(41, device=DEVICE))
+
+
 def test_quant_matmul_refuses_bad_arguments_with_the_reason():
     x, w, s, z = quant_case(1, 24, 96, 4, 32, False, torch.float32, seed=7)
     with pytest.raises(ValueError, match="bits must be 4 or 8, got 3"):
