@@ -22,6 +22,40 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@triton.jit
+def _kv_rows(tables_ptr, offs_n, valid, kvh, stride_kblock, stride_kslot, stride_khead, BLOCK_SIZE: tl.constexpr):
+    """Cache offsets of tokens ``offs_n`` of one KV head, found through the sequence's block table."""
+    block = tl.load(tables_ptr + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return block * stride_kblock + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kslot + kvh * stride_khead
+
+
+@triton.jit
+def _scores(q, k, scale, seen, IEEE: tl.constexpr):
+    """q k^T * scale, -inf where a key is not seen. IEEE: exact float32 products (float32, or
+    the interpreter, whose bf16 dot is wrong)."""
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return tl.where(seen, s * scale, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One K/V tile into the running max, sum and unnormalised output (rows that have seen no
+    key yet stay at zero)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["stride_tb"])  # eager steps' tables widen as contexts grow: no recompile
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
@@ -50,25 +84,13 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < end
-        block = tl.load(tables_ptr + b * stride_tb + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        rows = block * stride_kblock + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kslot + kvh * stride_khead
+        rows = _kv_rows(tables_ptr + b * stride_tb, offs_n, valid, kvh, stride_kblock, stride_kslot, stride_khead,
+                        BLOCK_SIZE)
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:  # float32 (or the interpreter, whose bf16 dot is wrong): exact float32 products
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = _scores(q, k, scale, valid[None, :], IEEE)
         v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, IEEE)
     out_mask = g_mask[:, None] & d_mask[None, :]
     if not MULTI:
         o = acc / l_i[:, None]
@@ -207,27 +229,13 @@ def _prefill_kernel(
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = offs_n < end
-            block = tl.load(tables_ptr + c * stride_tb + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            rows = block * stride_kblock + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kslot + kvh * stride_khead
+            rows = _kv_rows(tables_ptr + c * stride_tb, offs_n, valid, kvh, stride_kblock, stride_kslot, stride_khead,
+                            BLOCK_SIZE)
             kv_mask = valid[:, None] & d_mask[None, :]
             k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            seen = valid[None, :] & (offs_n[None, :] <= pos[:, None])
-            s = tl.where(seen, s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see nothing
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            s = _scores(q, k, scale, valid[None, :] & (offs_n[None, :] <= pos[:, None]), IEEE)  # causal
             v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, IEEE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (row0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=qo_mask)
