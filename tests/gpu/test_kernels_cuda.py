@@ -74,3 +74,30 @@ def test_prefill_compiles_once_across_chunk_counts_and_table_widths():
     if after is None:
         pytest.skip("this Triton keeps its compiled kernels elsewhere")
     assert after - before <= 1, after - before
+
+
+def test_a_table_for_this_gpu_sets_the_tiles(tmp_path, monkeypatch):
+    """A table named after this GPU model (as CUDA reports it) decides the launch for its shape."""
+    from inferkit.kernels import quant_matmul as qm
+    from inferkit.kernels import tuned
+    from inferkit.quant.pack import pack_int32
+
+    name = torch.cuda.get_device_name()
+    cfg = {"BN": 32, "BK": 128, "SPLIT_K": 4, "num_warps": 2, "VEC_X": False}
+    tuned.write_table(tmp_path / f"{tuned.slug(name)}.json", name,
+                      [{"bits": 4, "group": 128, "K": 1024, "N": 96, "M": 1, **cfg}])
+    monkeypatch.setenv(tuned.ENV, str(tmp_path))
+    qm.reset_configs()
+    try:
+        assert dict(qm._picked(1, 96, 1024, 128, torch.device("cuda", torch.cuda.current_device()), 4)) == cfg
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(-8, 8, (96, 1024), generator=g)
+        w = pack_int32(q, 4, dim=1).cuda()
+        s = (torch.rand(96, 8, generator=g) * 0.01 + 0.001).cuda()
+        x = torch.randn(1, 1024, generator=g).cuda()
+        ref = x.double() @ (q.double().cuda() * s.double().repeat_interleave(128, 1)).T
+        out = qm.quant_matmul(x, w, s, None, 4, 128)
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-5
+    finally:
+        monkeypatch.undo()
+        qm.reset_configs()
