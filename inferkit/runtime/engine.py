@@ -96,8 +96,10 @@ class LLMEngine:
         k = config.num_speculative_tokens if self.draft is not None else 0
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, k,
                                    self.max_model_len)
+        # Graphs up to this many rows (captured on first use): with drafts the target verifies k+1
+        # tokens per sequence and the draft catches up by one or two, each token a row
         graphs = dict(attention_backend=attention_backend, cuda_graphs=config.cuda_graphs,
-                      max_model_len=self.max_model_len, max_graph_batch=min(config.max_num_seqs, 128))
+                      max_model_len=self.max_model_len, max_graph_batch=min(config.max_num_seqs * (k + 1), 128))
         self.runner = ModelRunner(self.model, self.cache, **graphs)
         self.spec_runner = None
         if self.draft is not None:

@@ -161,16 +161,21 @@ class DecodeStaging:
         self.zero_block = zero_block
 
     def fill(self, chunks: list[Chunk], size: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row per token of the chunks (a chunk of n tokens: n rows at positions start..start+n-1,
+        each attending to everything up to itself), then padding rows up to ``size``."""
         vec, lens, tables = self._vec, self._lens, self._tables
-        for i, c in enumerate(chunks):
-            seq, p = c.seq, c.start
-            used = p // block_size + 1
-            vec[0, i] = seq.token_ids[p]
-            vec[1, i] = p
-            vec[2, i] = seq.block_table[used - 1] * block_size + p % block_size
-            lens[i] = p + 1
-            tables[i, :used] = seq.block_table[:used]
-        n = len(chunks)
+        i = 0
+        for c in chunks:
+            seq = c.seq
+            for p in range(c.start, c.start + c.num_tokens):
+                used = p // block_size + 1
+                vec[0, i] = seq.token_ids[p]
+                vec[1, i] = p
+                vec[2, i] = seq.block_table[used - 1] * block_size + p % block_size
+                lens[i] = p + 1
+                tables[i, :used] = seq.block_table[:used]
+                i += 1
+        n = i
         vec[0, n:size] = 0
         vec[1, n:size] = 0
         vec[2, n:size] = -1
@@ -180,10 +185,12 @@ class DecodeStaging:
 
 
 class DecodeGraphs:
-    """CUDA graphs of decode-only steps (one token per sequence), captured per padded batch size
-    (1, 2, 4, 8, then multiples of 16) on first use, then replayed: one launch instead of a few
-    hundred. Inputs live in static buffers; padding rows write no K/V (slot -1) and read the
-    pool's zero block. The attention kernel's split count is fixed by ``max_model_len``."""
+    """CUDA graphs of decode-shaped steps, captured per padded row count (1, 2, 4, 8, then
+    multiples of 16) on first use, then replayed: one launch instead of a few hundred. A row is
+    one token attending to its sequence up to itself: plain decodes, and the short chunks that
+    take the decode path in eager steps too (a speculative verify's k+1 tokens, a draft catching
+    up by a token or two). Inputs live in static buffers; padding rows write no K/V (slot -1) and
+    read the pool's zero block. The attention kernel's split count is fixed by ``max_model_len``."""
 
     def __init__(self, runner: ModelRunner, max_model_len: int, max_batch: int) -> None:
         self.runner, self.max_len = runner, max_model_len
@@ -204,7 +211,29 @@ class DecodeGraphs:
         self.pool = None
 
     def fits(self, chunks: list[Chunk]) -> bool:
-        return 0 < len(chunks) <= self.max_batch and all(c.num_tokens == 1 and c.logits == "last" for c in chunks)
+        """Every chunk is decode-shaped (one token, or a short chunk after its sequence's start, as
+        ``prepare`` lays out as decode rows) and the rows fit the largest graph."""
+        rows = 0
+        for c in chunks:
+            if c.num_tokens != 1 and not (c.start > 0 and c.num_tokens <= SHORT_CHUNK):
+                return False
+            rows += c.num_tokens
+        return 0 < rows <= self.max_batch
+
+    @staticmethod
+    def kept_rows(chunks: list[Chunk]) -> list[int] | None:
+        """The rows whose logits a step returns, in order (None: every row, as for plain decodes)."""
+        keep, row, every = [], 0, True
+        for c in chunks:
+            if c.logits == "all":
+                keep.extend(range(row, row + c.num_tokens))
+            elif c.logits == "last":
+                keep.append(row + c.num_tokens - 1)
+                every = every and c.num_tokens == 1
+            else:
+                every = False
+            row += c.num_tokens
+        return None if every else keep
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(self.slots[:size], all_decode=True, triton=True, decode_tables=self.tables[:size],
@@ -226,7 +255,7 @@ class DecodeGraphs:
         self.graphs[size] = (graph, logits)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        n = len(chunks)
+        n = sum(c.num_tokens for c in chunks)
         size = next(b for b in self.sizes if b >= n)
         if size not in self.graphs:
             self.slots.fill_(-1)  # capture runs must not write the cache
@@ -245,4 +274,5 @@ class DecodeGraphs:
         self.copied.record()
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[:n].float()
+        keep = self.kept_rows(chunks)
+        return logits[:n].float() if keep is None else logits[keep].float()

@@ -92,3 +92,5 @@ def test_speculative_decoding_with_graphs(tiny_llama):
     spec = LLM(tiny_llama, device="cuda", draft=str(tiny_llama), num_speculative_tokens=3)
     assert [o.token_ids for o in spec.generate(PROMPTS, params)] == plain
     assert spec.engine.spec_runner.stats.summary()["acceptance_rate"] == 1.0
+    # the verifies (k+1 = 4 rows per sequence) replayed graphs of more rows than sequences
+    assert max(spec.engine.runner.graphs.graphs) >= 4 * len(PROMPTS) > len(PROMPTS)

@@ -304,3 +304,44 @@ def test_prepare_lays_out_a_mixed_step(triton):
         assert meta.decode_mask[:, 0, 0].sum(1).tolist() == lens
         assert [(ch.row, ch.start, ch.num_tokens, ch.block_table.tolist()) for ch in meta.prefills] == [
             (4, 0, 12, c.block_table), (16, 6, 13, d.block_table[:5])]
+
+
+def test_graphed_steps_lay_out_short_chunks_as_prepare_does():
+    """Decode graphs also take speculative verifies (k+1 tokens mid-sequence) and a draft's
+    catch-up chunks: each token becomes a row with the same token, position, slot, length and
+    block table as the eager path's decode rows, and the same rows' logits come back."""
+    from types import SimpleNamespace
+
+    from inferkit.runtime.model_runner import Chunk, DecodeGraphs, ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.block_size, runner.device, runner.triton = 4, torch.device("cpu"), True
+    runner.cache = SimpleNamespace(zero_slot=400, block_size=4)
+    graphs = DecodeGraphs(runner, max_model_len=32, max_batch=16)
+    a = SimpleNamespace(token_ids=list(range(100, 120)), block_table=[7, 3, 11, 5, 2])
+    b = SimpleNamespace(token_ids=list(range(200, 211)), block_table=[4, 8, 6])
+    c = SimpleNamespace(token_ids=list(range(300, 306)), block_table=[9, 1])
+    steps = [
+        [Chunk(a, 15, 4, "all"), Chunk(b, 7, 4, "all"), Chunk(c, 5, 1)],  # verifies of 3 drafts + a decode
+        [Chunk(a, 17, 2, "last"), Chunk(b, 9, 1, "none"), Chunk(c, 5, 1)],  # draft catch-up
+        [Chunk(a, 17, 1), Chunk(c, 5, 1)],  # plain decodes: every row comes back
+    ]
+    for chunks in steps:
+        assert graphs.fits(chunks)
+        ids, positions, meta, rows = runner.prepare(chunks)
+        n = len(ids)
+        vec, lens, tables = graphs.staging.fill(chunks, 16, block_size=4)
+        assert vec[0, :n].tolist() == ids.tolist() and vec[1, :n].tolist() == positions.tolist()
+        assert vec[2, :n].tolist() == meta.slot_mapping.tolist()
+        assert meta.all_decode and lens[:n].tolist() == meta.decode_lens.tolist()
+        for i, width in enumerate(lens[:n].tolist()):
+            used = -(-width // 4)
+            assert tables[i, :used].tolist() == meta.decode_tables[i, :used].tolist()
+        assert vec[2, n:].tolist() == [-1] * (16 - n)  # padding rows write nowhere
+        keep = graphs.kept_rows(chunks)
+        assert (list(range(n)) if keep is None else keep) == rows
+    assert graphs.kept_rows(steps[2]) is None and graphs.kept_rows(steps[1]) == [1, 3]
+    # not decode-shaped, or too many rows: the eager path
+    assert not graphs.fits([Chunk(a, 0, 5)])  # a prefill from the start
+    assert not graphs.fits([Chunk(a, 4, 9)])  # longer than a short chunk
+    assert not graphs.fits([Chunk(a, 10, 8), Chunk(b, 2, 8), Chunk(c, 5, 1)])  # 17 rows > 16
