@@ -36,7 +36,7 @@ if [[ $PARTS == *tests* ]]; then
 fi
 # 2. Kernel benchmarks and end-to-end decode on a Llama-1B-shaped model.
 if [[ $PARTS == *kernels* ]]; then
-  timeout 280 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
+  timeout 320 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_kernels.log" | grep -v "^attention {\|^matmul {"
   echo "[kernels done at ${SECONDS}s]"
   # The sweep's fastest tiles (kernels/configs/ format): the runtime part below launches with them.

@@ -11,7 +11,7 @@
 3. Dequantizing matmul, K x N = 4096x4096, 4096x14336, 14336x4096 (in x out), batch 1/8/32:
    INT4 (g128, symmetric) and INT8 (per channel) through the Triton kernel, bf16 through
    torch.matmul; time and weight bytes / time. Plus a sweep of INT4 tile configs per shape and
-   batch, written as a tuned table (<out folder>/tuned/<GPU>.json, see inferkit.kernels.tuned).
+   batch (and at 4 rows, a speculative verify's, the GEMV against the MMA kernel), written as a tuned table (<out folder>/tuned/<GPU>.json, see inferkit.kernels.tuned).
 4. End to end: a Llama-3.2-1B-shaped random-weight model in bf16, decode tokens/s of the runtime
    (Triton kernels, CUDA graphs) and of transformers' generate(), batch 1 and 32, 128 new tokens.
 
@@ -210,6 +210,15 @@ def matmul() -> tuple[list[dict], list[dict]]:
             rows.append(row)
             print("matmul", json.dumps(row), flush=True)
             sweep += swept
+        # 4 rows (a speculative verify of 3 drafts): the sweep alone, GEMV against tensor cores
+        x = torch.randn(4, K, dtype=torch.bfloat16, device=DEV)
+        copies16 = [wb] + [wb.clone() for _ in range(max(0, min(15, -(-256 * 2**20 // (K * N * 2))) - 1))]
+        g_bf16 = bench_graphed(lambda i: (lambda: torch.matmul(x, copies16[i % len(copies16)].T)), K * N * 2)
+        del copies16
+        swept = config_sweep(x, K, N, 4, copies4, b4, g_bf16, torch.matmul(x.float(), wb.float().T))
+        if swept:
+            print("int4 best config", json.dumps(min(swept, key=lambda r: r["graphed_int4_us"])), flush=True)
+        sweep += swept
         if not SMOKE:
             torch.cuda.empty_cache()
     return rows, sweep
@@ -234,7 +243,7 @@ def tuned_table(sweep: list[dict], out_dir: Path, device_name: str) -> Path | No
     entries = []
     for (K, N, M), r in sorted(best.items()):
         e = {"bits": 4, "group": 128, "K": K, "N": N, "M": M,
-             **{k: r[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT") if k in r},
+             **{k: r[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL") if k in r},
              "us": round(r["graphed_int4_us"], 2)}
         if (K, N, M) in heuristic:
             e["heuristic_us"] = round(heuristic[(K, N, M)], 2)
@@ -250,18 +259,27 @@ def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: floa
     ``ref`` first; a wrong one is reported and not timed."""
     from inferkit.kernels.quant_matmul import pick_config, quant_matmul
 
-    if M <= 4:  # third field: the inputs as 16-byte vectors split in registers (VEC_X) or strided loads
-        tiles = [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]
-        splits = (1, 4, 8, 16)
-    else:  # the MMA kernel: one dot per tile, or one per value position
-        tiles = [(64, 4, True), (128, 4, True), (64, 4, False)]
-        splits = (1, 4)  # about 30 compiles in all: the sweep must fit gpu.sh's few minutes
+    # (kernel, BN, warps, variant, splits); variant: VEC_X for the GEMV (inputs as 16-byte vectors
+    # split in registers, or strided loads), ONE_DOT for the MMA kernel (one dot per tile, or one
+    # per value position). About 40 compiles in all: the sweep must fit gpu.sh's few minutes.
+    if M == 1:
+        grid = [("gemv", bn, w, v, (1, 4, 8, 16)) for bn, w, v in
+                [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]]
+    elif M <= 4:  # a speculative verify's rows: the GEMV (default) or the tensor-core kernel
+        grid = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]
+        grid += [("mma", bn, 4, True, (1, 4)) for bn in (64, 128)]
+    else:
+        grid = [("mma", bn, 4, v, (1, 4)) for bn, v in [(64, True), (128, True), (64, False)]]
     picked = pick_config(M, N, K, 128, x.device)
     out = []
-    for bn, warps, variant in ([(16, 1, True)] if SMOKE else tiles):
-        for split in ((2,) if SMOKE else splits):
-            cfg = {"BN": bn, "BK": picked["BK"], "SPLIT_K": split, "num_warps": warps}
-            cfg["ONE_DOT" if M > 4 else "VEC_X"] = variant
+    if SMOKE:  # one tiny config per kernel the real grid tries
+        grid = sorted({(k, 16, 1, True, (2,)) for k, *_ in grid})
+    for kernel, bn, warps, variant, splits in grid:
+        for split in splits:
+            cfg = {"BN": bn, "BK": picked["BK"] if kernel == "gemv" else 128, "SPLIT_K": split, "num_warps": warps}
+            cfg["VEC_X" if kernel == "gemv" else "ONE_DOT"] = variant
+            if kernel == "mma" and M <= 4:
+                cfg["KERNEL"] = "mma"
             try:
                 got = quant_matmul(x, *copies4[0], None, 4, 128, config=cfg).float()
                 err = float((got - ref).norm() / ref.norm())

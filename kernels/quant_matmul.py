@@ -426,12 +426,16 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         raise ValueError(f"group size {group}: must be a multiple of {vals} values per word, with {-(-K // group)} "
                          f"scales per row (got {G})")
     cfg = {**dict(_picked(M, N, K, group, device, bits)), **dict(config or ())}
-    if cfg["BK"] // vals < (16 if M > 4 else 1):
+    kernel = cfg.get("KERNEL", "gemv" if M <= 4 else "mma")
+    if kernel not in ("gemv", "mma") or (kernel == "gemv" and M > 4):
+        raise ValueError(f"KERNEL {kernel!r}: 'mma', or 'gemv' for up to 4 rows")
+    if cfg["BK"] // vals < (16 if kernel == "mma" else 1):
         raise ValueError(f"BK {cfg['BK']} too small: the MMA kernel needs 16 words per step")
     ieee = dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
     split = cfg["SPLIT_K"]
-    bm = 1 << (M - 1).bit_length() if M <= 4 else 16 if M <= 16 else 32 if M <= 32 or ieee else 64
-    bn = cfg["BN"] if M <= 4 or not ieee else min(cfg["BN"], 64)  # float32 tiles: keep shared memory small
+    gemv = kernel == "gemv"
+    bm = 1 << (M - 1).bit_length() if gemv else 16 if M <= 16 else 32 if M <= 32 or ieee else 64
+    bn = cfg["BN"] if gemv or not ieee else min(cfg["BN"], 64)  # float32 tiles: keep shared memory small
     tiles_n, tiles_m = -(-N // bn), -(-M // bm)
     counters = _counters(device) if split > 1 else None
     if split > 1 and tiles_n * tiles_m > counters.numel():
@@ -439,7 +443,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm, BN=bn,
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
-    if M <= 4:
+    if gemv:
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True)}
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
         **consts, "IEEE": ieee, "ONE_DOT": cfg.get("ONE_DOT", True), "num_stages": 2}
@@ -452,7 +456,8 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
 
     ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``bias`` [N] (contiguous) is added
     in the kernel, in float32, before the output's rounding. ``config``: tiles and split-K
-    (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones."""
+    (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones, and
+    ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``)."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:
         raise ValueError("quant_matmul: x must be [M, K] and the packed weights int32")
     M, K = x.shape

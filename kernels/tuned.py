@@ -13,9 +13,10 @@ Table format::
      "configs": [{"bits": 4, "group": 128, "K": 4096, "N": 14336, "M": 1,
                   "BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "VEC_X": true, "us": 12.5}]}
 
-``group`` is K for per-channel scales. Row buckets: 1, 2, 3, 4 (the GEMV kernel) exactly; then
-5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket serving
-the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
+``group`` is K for per-channel scales; ``KERNEL`` (optional) is ``gemv`` or ``mma``, the GEMV
+kernel being the default up to 4 rows and allowed only there. Row buckets: 1, 2, 3, 4 exactly;
+then 5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket
+serving the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
 bounded number of compiled variants for mixed prefill steps).
 """
 
@@ -61,8 +62,11 @@ def _check(entry: dict, where: str) -> dict:
     for key in ("BN", "BK"):
         if entry[key] & (entry[key] - 1):
             raise bad(f"'{key}' must be a power of two")
-    if entry["BK"] % vals or entry["BK"] // vals < (16 if entry["M"] > 4 else 1):
-        raise bad(f"'BK' must hold whole words ({vals} values), at least 16 of them above 4 rows")
+    kernel = entry.get("KERNEL", "gemv" if entry["M"] <= 4 else "mma")
+    if kernel not in ("gemv", "mma") or (kernel == "gemv" and entry["M"] > 4):
+        raise bad("'KERNEL' must be 'mma', or 'gemv' for up to 4 rows")
+    if entry["BK"] % vals or entry["BK"] // vals < (16 if kernel == "mma" else 1):
+        raise bad(f"'BK' must hold whole words ({vals} values), at least 16 of them for the MMA kernel")
     if entry["num_warps"] not in (1, 2, 4, 8, 16) or entry["SPLIT_K"] > 64:
         raise bad("'num_warps' must be 1-16 (a power of two) and 'SPLIT_K' at most 64")
     if bucket(entry["M"]) is None:
@@ -122,7 +126,7 @@ def lookup(M: int, N: int, K: int, group: int, bits: int, device_name: str | Non
     if e is None:
         return None
     cfg = {k: e[k] for k in ("BN", "BK", "SPLIT_K", "num_warps")}
-    cfg.update({k: e[k] for k in ("VEC_X", "ONE_DOT") if k in e})
+    cfg.update({k: e[k] for k in ("VEC_X", "ONE_DOT", "KERNEL") if k in e})
     return cfg
 
 

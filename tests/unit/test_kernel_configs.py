@@ -79,7 +79,10 @@ def test_override_wins_over_packaged_table(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad, why", [
     (entry(BN=48), "'BN' must be a power of two"),
-    (entry(M=8, BK=64), "at least 16 of them above 4 rows"),
+    (entry(M=8, BK=64), "at least 16 of them for the MMA kernel"),
+    (entry(M=4, BK=64, KERNEL="mma"), "at least 16 of them for the MMA kernel"),
+    (entry(M=8, KERNEL="gemv"), "'KERNEL' must be 'mma', or 'gemv' for up to 4 rows"),
+    (entry(KERNEL="fast"), "'KERNEL' must be"),
     (entry(BK=4), "'BK' must hold whole words"),
     (entry(M=100), "'M' above 64"),
     (entry(bits=3), "'bits' must be 4 or 8"),
@@ -154,6 +157,8 @@ def test_gpu_benchmark_smoke_writes_a_table_the_runtime_reads(tmp_path):
     assert all(r["rel_err_vs_torch"] < 2e-2 for r in results["prefill"])
     device, entries = tuned.read_table(Path(results["tuned_table"]))
     assert device == "cpu (smoke)" and Path(results["tuned_table"]).name == "cpu_smoke.json"
-    assert [(e["M"], e["BN"], e["SPLIT_K"]) for e in entries] == [(1, 16, 2), (8, 16, 2), (32, 16, 2)]
-    assert "VEC_X" in entries[0] and "ONE_DOT" in entries[1]
+    assert [(e["M"], e["BN"], e["SPLIT_K"]) for e in entries] == [(1, 16, 2), (4, 16, 2), (8, 16, 2), (32, 16, 2)]
+    assert "VEC_X" in entries[0] and "ONE_DOT" in entries[2]
+    # at 4 rows both kernels were tried (and checked against the reference before timing)
+    assert sorted(r.get("KERNEL", "gemv") for r in results["int4_config_sweep"] if r["M"] == 4) == ["gemv", "mma"]
     assert "int4 best swept" in run.stdout

@@ -363,6 +363,17 @@ def test_quant_matmul_adds_the_bias_in_the_kernel(M, split):
         quant_matmul(x, w, s, z, 4, 64, bias=torch.zeros(41, device=DEVICE))
 
 
+@pytest.mark.parametrize("M", [1, 2, 4])
+def test_the_mma_kernel_also_serves_up_to_four_rows(M):
+    """KERNEL=mma: a tuned table may pick the tensor-core kernel where the GEMV would be the
+    default (a speculative verify's 2-4 rows); same numbers, with zero points and split-K."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, s, z = quant_case(M, 40, 512, 4, 64, True, dtype, seed=M)
+        for cfg in ({"KERNEL": "mma", "BK": 128, "BN": 32}, {"KERNEL": "mma", "BK": 128, "BN": 32, "SPLIT_K": 2}):
+            out = quant_matmul(x, w, s, z, 4, 64, config=cfg)
+            assert rel_err(out, reference_quant_matmul(x, w, s, z, 4, 64)) < TOL[dtype], (dtype, cfg)
+
+
 def test_quant_matmul_refuses_bad_arguments_with_the_reason():
     x, w, s, z = quant_case(1, 24, 96, 4, 32, False, torch.float32, seed=7)
     with pytest.raises(ValueError, match="bits must be 4 or 8, got 3"):
@@ -375,3 +386,7 @@ def test_quant_matmul_refuses_bad_arguments_with_the_reason():
         quant_matmul(torch.cat([x] * 5), w, s, z, 4, 32, config={"BK": 64})
     with pytest.raises(ValueError, match="x must be"):
         quant_matmul(x[0], w, s, z, 4, 32)
+    with pytest.raises(ValueError, match="KERNEL 'gemv': 'mma', or 'gemv' for up to 4 rows"):
+        quant_matmul(torch.cat([x] * 5), w, s, z, 4, 32, config={"KERNEL": "gemv"})
+    with pytest.raises(ValueError, match="BK 64 too small"):
+        quant_matmul(x, w, s, z, 4, 32, config={"KERNEL": "mma", "BK": 64})
