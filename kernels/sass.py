@@ -34,6 +34,7 @@ class Compiled:
     shared_bytes: int
     loop: collections.Counter = field(default_factory=collections.Counter)  # opcode -> count, hot loop
     all: collections.Counter = field(default_factory=collections.Counter)
+    loops: list = field(default_factory=list)  # opcode counters of every loop, in code order
 
     def per_item(self, items: float) -> float:
         """Instructions per item (e.g. per weight per thread) in the hot loop."""
@@ -82,14 +83,17 @@ def inspect(kernel) -> Compiled:
     num = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else 0  # noqa: E731
     lines = text.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
-    loop = None
+    loop, spans = None, []
     for i, line in enumerate(lines):
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
-        # the longest backward branch; not the branch-to-itself that pads every kernel's end
-        if m and labels.get(m.group(1), i) < i - 2 and (loop is None or i - labels[m.group(1)] > loop[1] - loop[0]):
-            loop = (labels[m.group(1)], i)
+        # backward branches; not the branch-to-itself that pads every kernel's end
+        if m and labels.get(m.group(1), i) < i - 2:
+            spans.append((labels[m.group(1)], i))
+            if loop is None or i - labels[m.group(1)] > loop[1] - loop[0]:  # the longest: the hot loop
+                loop = spans[-1]
     body = lines[loop[0]:loop[1] + 1] if loop else []
-    return Compiled(num("REG"), num("STACK") + num("LOCAL"), num("SHARED"), _opcodes(body), _opcodes(lines))
+    return Compiled(num("REG"), num("STACK") + num("LOCAL"), num("SHARED"), _opcodes(body), _opcodes(lines),
+                    [_opcodes(lines[a:b + 1]) for a, b in spans])
 
 
 GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
@@ -197,7 +201,8 @@ def report() -> list[dict]:
         for name, heads, kernel in kernels:
             c = inspect(kernel)
             rows.append({"kernel": name, "dtype": dtype, "heads": heads, "registers": c.registers,
-                         "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all)})
+                         "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all),
+                         "loops": [dict(x) for x in c.loops]})
     return rows
 
 

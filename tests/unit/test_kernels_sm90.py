@@ -64,3 +64,7 @@ def test_paged_attention_compiles_without_spills(report):
         if r["kernel"] == "attention-prefill":
             assert (r["all"].get("HGMMA", 0) > 0) == (r["dtype"] != "fp32"), r
             assert r["dtype"] != "fp32" or r["loop"].get("FFMA", 0) > 0
+            if r["dtype"] != "fp32":  # K/V tiles below the diagonal run a loop without masks
+                sizes = sorted((sum(x.values()), x.get("FSEL", 0)) for x in r["loops"] if x.get("HGMMA", 0))
+                assert len(sizes) == 2 and sizes[0][1] <= 4 and sizes[1][1] >= 32, sizes
+                assert sizes[0][0] < 0.8 * sizes[1][0], sizes  # 608 vs 848 for 32/8 heads of 128
