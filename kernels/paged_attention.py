@@ -23,23 +23,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _kv_rows(tables_ptr, offs_n, valid, kvh, stride_kblock, stride_kslot, stride_khead, BLOCK_SIZE: tl.constexpr):
-    """Cache offsets of tokens ``offs_n`` of one KV head, found through the sequence's block table."""
-    block = tl.load(tables_ptr + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    return block * stride_kblock + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kslot + kvh * stride_khead
-
-
-@triton.jit
-def _scores(q, k, scale, seen, IEEE: tl.constexpr, MASKED: tl.constexpr = True):
-    """q k^T * scale, -inf where a key is not seen (MASKED; otherwise every key is). IEEE: exact
-    float32 products (float32, or the interpreter, whose bf16 dot is wrong)."""
+def _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, n0, end, pos, kvh, stride_kblock, stride_kslot,
+                 stride_khead, offs_d, d_mask, scale, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IEEE: tl.constexpr, MASK: tl.constexpr):
+    """Keys n0..n0+BLOCK_N-1 of one KV head, found through the sequence's block table, into the
+    running softmax of the query rows ``q``. MASK 0: every key is below ``end`` and seen by every
+    row; 1: keys from ``end`` on are not seen; 2: nor keys past each row's position ``pos``
+    (causal). IEEE: exact float32 products (float32, or the interpreter, whose bf16 dot is wrong)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    valid = offs_n < end
+    block = tl.load(table_ptr + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    rows = block * stride_kblock + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_kslot + kvh * stride_khead
+    kv_mask = d_mask[None, :] if MASK == 0 else valid[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     if IEEE:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
     else:
-        s = tl.dot(q, tl.trans(k))
-    if MASKED:
-        return tl.where(seen, s * scale, float("-inf"))
-    return s * scale
+        s = tl.dot(q, tl.trans(k)) * scale
+    if MASK == 1:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    elif MASK == 2:
+        s = tl.where(valid[None, :] & (offs_n[None, :] <= pos[:, None]), s, float("-inf"))
+    v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    return _online_softmax(s, v, m_i, l_i, acc, IEEE)
 
 
 @triton.jit
@@ -84,15 +90,9 @@ def _decode_split_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < end
-        rows = _kv_rows(tables_ptr + b * stride_tb, offs_n, valid, kvh, stride_kblock, stride_kslot, stride_khead,
-                        BLOCK_SIZE)
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _scores(q, k, scale, valid[None, :], IEEE)
-        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, IEEE)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + b * stride_tb, n0, end, 0, kvh,
+                                     stride_kblock, stride_kslot, stride_khead, offs_d, d_mask, scale,
+                                     BLOCK_SIZE, BLOCK_N, IEEE, MASK=1)
     out_mask = g_mask[:, None] & d_mask[None, :]
     if not MULTI:
         o = acc / l_i[:, None]
@@ -235,25 +235,16 @@ def _prefill_kernel(
             full = 0
         else:
             full = (start + m0 + 1) // BLOCK_N * BLOCK_N
+        table = tables_ptr + c * stride_tb
         for n0 in range(0, full, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            rows = _kv_rows(tables_ptr + c * stride_tb, offs_n, offs_n < full, kvh, stride_kblock, stride_kslot,
-                            stride_khead, BLOCK_SIZE)
-            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            s = _scores(q, k, scale, None, IEEE, MASKED=False)
-            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, IEEE)
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, table, n0, full, pos, kvh, stride_kblock,
+                                         stride_kslot, stride_khead, offs_d, d_mask, scale, BLOCK_SIZE, BLOCK_N, IEEE,
+                                         MASK=0)
         # The rest, up to the tile's last token: causal masks
         for n0 in range(full, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid = offs_n < end
-            rows = _kv_rows(tables_ptr + c * stride_tb, offs_n, valid, kvh, stride_kblock, stride_kslot, stride_khead,
-                            BLOCK_SIZE)
-            kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = _scores(q, k, scale, valid[None, :] & (offs_n[None, :] <= pos[:, None]), IEEE)  # causal
-            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, IEEE)
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, table, n0, end, pos, kvh, stride_kblock,
+                                         stride_kslot, stride_khead, offs_d, d_mask, scale, BLOCK_SIZE, BLOCK_N, IEEE,
+                                         MASK=2)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (row0 + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=qo_mask)
