@@ -211,10 +211,8 @@ def matmul() -> tuple[list[dict], list[dict]]:
             print("matmul", json.dumps(row), flush=True)
             sweep += swept
         # 4 rows (a speculative verify of 3 drafts): the sweep alone, GEMV against tensor cores
-        x = torch.randn(4, K, dtype=torch.bfloat16, device=DEV)
-        copies16 = [wb] + [wb.clone() for _ in range(max(0, min(15, -(-256 * 2**20 // (K * N * 2))) - 1))]
-        g_bf16 = bench_graphed(lambda i: (lambda: torch.matmul(x, copies16[i % len(copies16)].T)), K * N * 2)
-        del copies16
+        x = torch.randn(4, K, dtype=torch.bfloat16, device=DEV)  # the shape's weight copies from above
+        g_bf16 = bench_graphed(lambda i: (lambda: torch.matmul(x, copies16[i % len(copies16)].T)), b16)
         swept = config_sweep(x, K, N, 4, copies4, b4, g_bf16, torch.matmul(x.float(), wb.float().T))
         if swept:
             print("int4 best config", json.dumps(min(swept, key=lambda r: r["graphed_int4_us"])), flush=True)
