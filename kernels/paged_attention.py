@@ -139,8 +139,8 @@ def num_splits_for(batch: int, num_kv_heads: int, max_context: int, block_n: int
 
 @functools.lru_cache(maxsize=256)
 def _constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-               block_n: int | None) -> tuple[int, dict, int]:
-    """(block_n, the split kernel's constexprs, D_PAD) for a model's heads: worked out once, as
+               block_n: int | None) -> tuple[int, dict]:
+    """(block_n, the split kernel's constexprs) for a model's heads: worked out once, as
     eager steps call the kernel once per layer."""
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
@@ -150,7 +150,7 @@ def _constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
     consts = dict(GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=d_pad,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n,
                   IEEE=dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16), num_warps=4, num_stages=2)
-    return block_n, consts, d_pad
+    return block_n, consts
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -166,7 +166,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if k_cache.stride(-1) != 1 or q.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("paged_decode_attention: q and the caches need unit stride along the head dimension, "
                          "and the two caches the same layout")
-    block_n, consts, d_pad = _constants(num_heads, num_kv_heads, head_dim, block_size, q.dtype, block_n)
+    block_n, consts = _constants(num_heads, num_kv_heads, head_dim, block_size, q.dtype, block_n)
     splits = num_splits or num_splits_for(batch, num_kv_heads, max_context, block_n)
     per_split = -(-max_context // splits)
     per_split = -(-per_split // block_n) * block_n
@@ -190,7 +190,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if splits > 1:
         _merge_kernel[(batch, num_heads)](
             part, ml, out, splits, *s_p, *s_m, o_b, o_h,
-            S_PAD=max(2, 1 << (splits - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=d_pad, num_warps=4,
+            S_PAD=max(2, 1 << (splits - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=consts["D_PAD"], num_warps=4,
         )
     return out
 
