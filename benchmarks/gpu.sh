@@ -24,11 +24,11 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone
+PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; add tune for part 4
 # 1. Tests: every kernel against its reference (compiled, not interpreted), the runtime on CUDA.
 if [[ $PARTS == *tests* ]]; then
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"
-  tests="tests/unit/test_kernels.py tests/gpu"
+  tests="tests/unit/test_kernels.py tests/unit/test_tune_kernels.py tests/gpu"
   [[ $PARTS == *cputests* ]] && tests="$tests tests/unit/test_runtime.py tests/unit/test_block_manager.py tests/unit/test_scheduler.py"
   timeout 150 python -m pytest -q -p no:cacheprovider $xdist --tb=short $tests > "$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/gpu_tests.txt" | tail -30
@@ -47,4 +47,12 @@ if [[ $PARTS == *runtime* ]]; then
   timeout 150 python benchmarks/gpu_runtime.py --config .gpu/demo --out "$OUT/gpu_runtime.json" 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_runtime.log"
   echo "[runtime done at ${SECONDS}s]"
+fi
+# 4. (Only when GPU_PARTS names it.) inferkit tune-kernels on the runtime part's W4 artifact (demo
+#    shape): the command a user runs for their own model, its quick grid at 1, 4 and 16 rows.
+if [[ $PARTS == *tune* ]]; then
+  [ -d /tmp/ik-gpu/w4 ] || timeout 120 python benchmarks/gpu_runtime.py --config .gpu/demo --build-only
+  timeout 150 python -m inferkit tune-kernels /tmp/ik-gpu/w4 -o "$OUT/tuned-demo-w4.json" --grid quick --rows 1,4,16 \
+    --overwrite --json "$OUT/tune-demo-w4-sweep.json" 2>&1 | tee "$OUT/tune.log" | tail -25
+  echo "[tune done at ${SECONDS}s]"
 fi

@@ -46,35 +46,12 @@ def bench(fn) -> float:
 
 
 def bench_graphed(make_call, nbytes: int) -> float:
-    """Seconds per call with launch overhead removed: calls captured in a CUDA graph and replayed
-    (Triton's Python launcher costs tens of microseconds, more than a small kernel runs). The
-    calls cycle through enough copies of the operands (``make_call(i)``) to exceed the L2 cache."""
-    if SMOKE:
-        return bench(make_call(0))
-    import statistics
+    """Seconds per call with launch overhead removed: calls captured in a CUDA graph and replayed,
+    cycling through enough copies of the operands (``make_call(i)``) to exceed the L2 cache
+    (``inferkit.kernels.tune.time_call``, which ``inferkit tune-kernels`` times with too)."""
+    from inferkit.kernels.tune import time_call
 
-    copies = max(1, min(16, -(-256 * 2**20 // max(nbytes, 1))))
-    calls = [make_call(i) for i in range(copies)]
-    for call in calls:  # compile and warm up outside the capture
-        call()
-    torch.cuda.synchronize()
-    reps = max(1, 32 // copies)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for call in calls:
-                call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3 / (reps * copies))
-    return statistics.median(times)
+    return time_call(make_call, nbytes, torch.device(DEV))
 
 
 def copy_bandwidth() -> float:
@@ -167,11 +144,11 @@ def prefill() -> list[dict]:
     return rows
 
 
-def matmul() -> tuple[list[dict], list[dict]]:
+def matmul() -> tuple[list[dict], list[dict], list[dict]]:
     from inferkit.kernels.quant_matmul import quant_matmul
     from inferkit.quant.pack import pack_int32
 
-    rows, sweep = [], []
+    rows, sweep, entries = [], [], []
     for K, N in (((256, 128),) if SMOKE else ((4096, 4096), (4096, 14336), (14336, 4096))):
         g = torch.Generator().manual_seed(0)
         q4 = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
@@ -180,7 +157,8 @@ def matmul() -> tuple[list[dict], list[dict]]:
         q8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int16).to(torch.int8)
         w8 = pack_int32(q8, 8, dim=1).to(DEV)
         s8 = (torch.rand(N, 1, generator=g) * 0.01 + 0.001).to(torch.bfloat16).to(DEV)
-        wb = ((q4.float() * s4.float().cpu().repeat_interleave(128, 1))).to(torch.bfloat16).to(DEV)
+        w_ref = (q4.float() * s4.float().cpu().repeat_interleave(128, 1)).to(DEV)  # float32, the sweep's reference
+        wb = w_ref.to(torch.bfloat16)
         for M in (1, 8, 32):
             x = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
             t_bf16 = bench(lambda: torch.matmul(x, wb.T))
@@ -201,28 +179,28 @@ def matmul() -> tuple[list[dict], list[dict]]:
                    "graphed_bf16_us": g_bf16 * 1e6, "graphed_int4_us": g_i4 * 1e6, "graphed_int8_us": g_i8 * 1e6,
                    "graphed_int4_speedup": g_bf16 / g_i4, "graphed_int8_speedup": g_bf16 / g_i8,
                    "graphed_int4_gb_s": b4 / g_i4 / 1e9, "graphed_bf16_gb_s": b16 / g_bf16 / 1e9}
-            swept = config_sweep(x, K, N, M, copies4, b4, g_bf16, ref)
-            if swept:  # the fastest correct config: what a tuned table makes the default on this GPU
-                fastest = min(swept, key=lambda r: r["graphed_int4_us"])
-                row.update(tuned_graphed_int4_us=fastest["graphed_int4_us"],
-                           tuned_graphed_int4_speedup=g_bf16 * 1e6 / fastest["graphed_int4_us"])
-                print("int4 best config", json.dumps(fastest), flush=True)
+            swept, best = config_sweep(K, N, M, copies4, w_ref, g_bf16)
+            if best:  # the fastest correct config: what a tuned table makes the default on this GPU
+                row.update(tuned_graphed_int4_us=best["us"], tuned_graphed_int4_speedup=g_bf16 * 1e6 / best["us"])
+                print("int4 best config", json.dumps(best), flush=True)
+                entries.append(best)
             rows.append(row)
             print("matmul", json.dumps(row), flush=True)
             sweep += swept
         # 4 rows (a speculative verify of 3 drafts): the sweep alone, GEMV against tensor cores
         x = torch.randn(4, K, dtype=torch.bfloat16, device=DEV)  # the shape's weight copies from above
         g_bf16 = bench_graphed(lambda i: (lambda: torch.matmul(x, copies16[i % len(copies16)].T)), b16)
-        swept = config_sweep(x, K, N, 4, copies4, b4, g_bf16, torch.matmul(x.float(), wb.float().T))
-        if swept:
-            print("int4 best config", json.dumps(min(swept, key=lambda r: r["graphed_int4_us"])), flush=True)
+        swept, best = config_sweep(K, N, 4, copies4, w_ref, g_bf16)
+        if best:
+            print("int4 best config", json.dumps(best), flush=True)
+            entries.append(best)
         sweep += swept
         if not SMOKE:
             torch.cuda.empty_cache()
-    return rows, sweep
+    return rows, sweep, entries
 
 
-def tuned_table(sweep: list[dict], out_dir: Path, device_name: str) -> Path | None:
+def tuned_table(entries: list[dict], out_dir: Path, device_name: str) -> Path | None:
     """The fastest swept config per shape and row count as a table for ``inferkit.kernels.tuned``
     (``<out_dir>/<device>.json``): copy it to ``kernels/configs/`` to make it this GPU's default,
     or point ``INFERKIT_KERNEL_CONFIGS`` at it."""
@@ -230,68 +208,34 @@ def tuned_table(sweep: list[dict], out_dir: Path, device_name: str) -> Path | No
 
     from inferkit.kernels import tuned
 
-    best: dict = {}
-    for r in sweep:
-        key = (r["K"], r["N"], r["M"])
-        if key not in best or r["graphed_int4_us"] < best[key]["graphed_int4_us"]:
-            best[key] = r
-    if not best:
+    if not entries:
         return None
-    heuristic = {(r["K"], r["N"], r["M"]): r["graphed_int4_us"] for r in sweep if r["picked"]}
-    entries = []
-    for (K, N, M), r in sorted(best.items()):
-        e = {"bits": 4, "group": 128, "K": K, "N": N, "M": M,
-             **{k: r[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL") if k in r},
-             "us": round(r["graphed_int4_us"], 2)}
-        if (K, N, M) in heuristic:
-            e["heuristic_us"] = round(heuristic[(K, N, M)], 2)
-        entries.append(e)
+    entries = sorted(entries, key=lambda e: (e["K"], e["N"], e["M"]))
     return tuned.write_table(out_dir / f"{tuned.slug(device_name)}.json", device_name, entries,
                              triton=triton.__version__, torch=torch.__version__,
                              source="benchmarks/gpu_kernels.py (graph-replayed, bf16 activations)")
 
 
-def config_sweep(x, K: int, N: int, M: int, copies4: list, b4: int, t_bf16: float, ref: torch.Tensor) -> list[dict]:
-    """INT4 tile configs around the heuristic's, graph-timed (the kernel's own time, as the
-    runtime replays it): the data for ``pick_config``. Each config's output is checked against
-    ``ref`` first; a wrong one is reported and not timed."""
-    from inferkit.kernels.quant_matmul import pick_config, quant_matmul
+def config_sweep(K: int, N: int, M: int, copies4: list, weight: torch.Tensor, t_bf16: float) -> tuple[list[dict], dict | None]:
+    """INT4 g128 tile configs around the heuristic's (``inferkit tune-kernels --grid quick``),
+    graph-timed (the kernel's own time, as the runtime replays it). Each config's output is
+    checked against ``weight`` (float32, dequantized) first; a wrong one is reported, not timed.
+    Returns the sweep's rows and the fastest correct config as a table entry."""
+    from inferkit.kernels import tune
 
-    # (kernel, BN, warps, variant, splits); variant: VEC_X for the GEMV (inputs as 16-byte vectors
-    # split in registers, or strided loads), ONE_DOT for the MMA kernel (one dot per tile, or one
-    # per value position). About 40 compiles in all: the sweep must fit gpu.sh's few minutes.
-    if M == 1:
-        grid = [("gemv", bn, w, v, (1, 4, 8, 16)) for bn, w, v in
-                [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]]
-    elif M <= 4:  # a speculative verify's rows: the GEMV (default) or the tensor-core kernel
-        grid = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]
-        grid += [("mma", bn, 4, True, (1, 4)) for bn in (64, 128)]
-    else:
-        grid = [("mma", bn, 4, v, (1, 4)) for bn, v in [(64, True), (128, True), (64, False)]]
-    picked = pick_config(M, N, K, 128, x.device)
+    w4, s4 = copies4[0]
+    problem = tune.Problem(4, 128, N, K, w4, s4, None, None)
+    configs = tune.candidates(M, N, K, 128, 4, torch.device(DEV), "smoke" if SMOKE else "quick")
+    rows = tune.sweep(problem, M, torch.bfloat16, configs, [(w, s, None, None) for w, s in copies4], weight)
     out = []
-    if SMOKE:  # one tiny config per kernel the real grid tries
-        grid = sorted({(k, 16, 1, True, (2,)) for k, *_ in grid})
-    for kernel, bn, warps, variant, splits in grid:
-        for split in splits:
-            cfg = {"BN": bn, "BK": picked["BK"] if kernel == "gemv" else 128, "SPLIT_K": split, "num_warps": warps}
-            cfg["VEC_X" if kernel == "gemv" else "ONE_DOT"] = variant
-            if kernel == "mma" and M <= 4:
-                cfg["KERNEL"] = "mma"
-            try:
-                got = quant_matmul(x, *copies4[0], None, 4, 128, config=cfg).float()
-                err = float((got - ref).norm() / ref.norm())
-                if not err < 2e-2:
-                    print("config WRONG", cfg, f"relative error {err:.3g}", flush=True)
-                    continue
-                t = bench_graphed(lambda i: (lambda: quant_matmul(x, *copies4[i % len(copies4)], None, 4, 128,
-                                                                  config=cfg)), b4)
-            except Exception as exc:  # a config the GPU cannot run (shared memory, registers)
-                print("config failed", cfg, repr(exc)[:200], flush=True)
-                continue
-            out.append({"K": K, "N": N, "M": M, **cfg, "graphed_int4_us": t * 1e6, "graphed_speedup": t_bf16 / t,
-                        "picked": cfg in (picked, {**picked, "ONE_DOT": True}, {**picked, "VEC_X": True})})
-    return out
+    for i, r in enumerate(rows):
+        cfg = {k: v for k, v in r.items() if k not in ("us", "rel_err", "error")}
+        if r["error"]:
+            print("config failed", cfg, r["error"], flush=True)
+            continue
+        out.append({"K": K, "N": N, "M": M, **cfg, "graphed_int4_us": r["us"], "graphed_speedup": t_bf16 * 1e6 / r["us"],
+                    "picked": i == 0})  # candidates() puts the heuristic's config first
+    return out, tune.best_entry(problem, M, rows)
 
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -387,8 +331,8 @@ def main() -> None:
     results["prefill"] = prefill()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept if the matmul sweep runs out of time
-    results["matmul"], results["int4_config_sweep"] = matmul()
-    table = tuned_table(results["int4_config_sweep"], args.out.parent / "tuned", results["device"])
+    results["matmul"], results["int4_config_sweep"], entries = matmul()
+    table = tuned_table(entries, args.out.parent / "tuned", results["device"])
     if table:
         results["tuned_table"] = str(table)
         print(f"tuned matmul configs: {table} (copy to kernels/configs/ to make them this GPU's default)", flush=True)

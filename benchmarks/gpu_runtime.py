@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path(".gpu/demo"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/ik-gpu"))
     parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_runtime.json"))
+    parser.add_argument("--build-only", action="store_true", help="write the model and its W4/W8 artifacts, then stop")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -68,6 +69,8 @@ def main() -> None:
         if not (args.work / name).exists():
             run_quantize(str(model), Recipe(quantize=QuantizeConfig(method="rtn", **q)), args.work / name)
         arts[name] = args.work / name
+    if args.build_only:
+        return
     g = torch.Generator().manual_seed(0)
     vocab = 49152
     single = torch.randint(100, vocab, (32,), generator=g).tolist()

@@ -1,6 +1,7 @@
 """Triton GPU kernels, installed as ``inferkit.kernels``: paged decode attention
 (``paged_attention``), the KV-cache write (``kv_cache``), the dequantizing matmul
-(``quant_matmul``) with its measured per-GPU tile tables (``tuned``, ``configs/``), and an
+(``quant_matmul``) with its measured per-GPU tile tables (``tuned``, ``configs/``) and the
+sweep that measures them (``tune``, behind ``inferkit tune-kernels``), and an
 offline sm_90 compile-and-inspect tool (``sass``).
 
 Imported lazily by the runtime when a Triton backend is chosen (CUDA, or the CPU interpreter

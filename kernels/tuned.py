@@ -2,7 +2,8 @@
 
 ``pick_config``'s tiles are a heuristic. ``benchmarks/gpu_kernels.py`` times a sweep of configs
 per shape on the GPU it runs on and writes the fastest of each as a table
-(``<out>/tuned/<device>.json``); tables committed under ``kernels/configs/`` ship with the package,
+(``<out>/tuned/<device>.json``), as ``inferkit tune-kernels`` does for a model's own shapes
+(``inferkit.kernels.tune``); tables committed under ``kernels/configs/`` ship with the package,
 and ``INFERKIT_KERNEL_CONFIGS`` (a table, or a folder of them) adds more, taking precedence. A
 launch uses a table's entry when one matches its GPU model (by name, as CUDA reports it), bits,
 group size, N and K, and row bucket; anything else falls back to the heuristic.

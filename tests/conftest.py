@@ -78,6 +78,20 @@ def tiny_llama_other(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def w4_mixed_artifact(tiny_llama, tmp_path_factory) -> Path:
+    """``tiny_llama`` quantized RTN INT4 g32 asymmetric, down_proj INT8 per channel (symmetric)."""
+    from inferkit.config import QuantizeConfig, Recipe
+    from inferkit.data.calibration import CalibrationConfig
+    from inferkit.stages.quantize import run_quantize
+
+    path = tmp_path_factory.mktemp("art") / "mixed"
+    run_quantize(str(tiny_llama), Recipe(quantize=QuantizeConfig(method="rtn", bits=4, group_size=32, symmetric=False,
+                                                                 batch_size=4, overrides={"mlp.down_proj": "int8-ch-sym"}),
+                                         calibration=CalibrationConfig(source="seed", num_samples=8, seq_len=64)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("archs")
     return {arch: make_tiny_model(root / arch, arch, seed=i) for i, arch in enumerate(("llama", "mistral", "qwen2"))}

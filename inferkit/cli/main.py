@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from inferkit import __version__
-from inferkit.cli import calibrate, demo, distill, eval as eval_mod, models, pack, quantize, run, sensitivity, serve_test, verify
+from inferkit.cli import calibrate, demo, distill, eval as eval_mod, models, pack, quantize, run, sensitivity, serve_test, tune_kernels, verify
 
 app = typer.Typer(
     name="inferkit",
@@ -43,6 +43,7 @@ app.command("distill")(distill.distill)
 app.command("verify")(verify.verify)
 app.command("pack")(pack.pack)
 app.command("run")(run.run)
+app.command("tune-kernels")(tune_kernels.tune_kernels)
 app.add_typer(models.app, name="models")
 
 

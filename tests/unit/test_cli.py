@@ -9,7 +9,8 @@ from inferkit import __version__
 from inferkit.cli.main import app
 
 runner = CliRunner()
-MISSION = ["calibrate", "sensitivity-scan", "quantize", "distill", "pack", "serve-test", "run", "eval", "demo", "models", "verify"]
+MISSION = ["calibrate", "sensitivity-scan", "quantize", "distill", "pack", "serve-test", "run", "eval", "demo", "models", "verify",
+           "tune-kernels"]
 
 
 def invoke(*args):

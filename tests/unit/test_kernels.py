@@ -277,28 +277,15 @@ def test_attention_split_counts_are_powers_of_two():
 
 
 # -- the runtime with the Triton backends ------------------------------------------------------
-@pytest.fixture(scope="module")
-def w4_artifact(tiny_llama, tmp_path_factory):
-    from inferkit.config import QuantizeConfig, Recipe
-    from inferkit.data.calibration import CalibrationConfig
-    from inferkit.stages.quantize import run_quantize
-
-    path = tmp_path_factory.mktemp("art") / "mixed"
-    run_quantize(str(tiny_llama), Recipe(quantize=QuantizeConfig(method="rtn", bits=4, group_size=32, symmetric=False,
-                                                                 batch_size=4, overrides={"mlp.down_proj": "int8-ch-sym"}),
-                                         calibration=CalibrationConfig(source="seed", num_samples=8, seq_len=64)), path)
-    return path
-
-
 PROMPTS = [[5, 17, 30, 2, 99], list(range(40, 75)), [300, 2, 3]]
 
 
 @pytest.mark.parametrize("model", ["dense", "w4"])
-def test_runtime_greedy_is_identical_with_the_triton_backends(tiny_llama, w4_artifact, model):
+def test_runtime_greedy_is_identical_with_the_triton_backends(tiny_llama, w4_mixed_artifact, model):
     from inferkit.runtime import LLM, SamplingParams
     from inferkit.runtime.linear import TritonQuantLinear
 
-    folder = tiny_llama if model == "dense" else w4_artifact
+    folder = tiny_llama if model == "dense" else w4_mixed_artifact
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     ref = LLM(folder, device=DEVICE, linear_backend="reference", attention_backend="torch")
     tri = LLM(folder, device=DEVICE, linear_backend="triton", attention_backend="triton", block_size=8, cuda_graphs=False)

@@ -1,0 +1,257 @@
+"""Tile tuning for the dequantizing matmul on the GPU at hand: ``inferkit tune-kernels``.
+
+``pick_config``'s tiles are a heuristic, and the tables shipped in ``configs/`` cover the GPU
+models and layer shapes someone measured. This module times candidate configs for a model's own
+quantized layers (the shapes the runtime launches: q/k/v and gate/up fused where their formats
+agree) at each row bucket, checks every config's output against a float32 reference before
+timing it, and keeps the fastest per shape and bucket as a table for ``inferkit.kernels.tuned``.
+
+Times are the kernels' own: calls captured in a CUDA graph and replayed, cycling through copies
+of the weights large enough together to miss the L2 cache, as a decode step streams weights that
+the previous step's other layers have evicted. Under ``TRITON_INTERPRET=1`` on a CPU the same
+code runs with wall-clock times of single calls: a functional check of the command, not a
+measurement.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+GRIDS = ("full", "quick", "smoke")
+DEFAULT_ROWS = (1, 2, 3, 4, 16, 32, 64)  # one row count per bucket of inferkit.kernels.tuned
+L2_MISS_BYTES = 256 * 2**20  # the copies of a layer's weights cycled through per timing
+MAX_REL_ERR = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+@dataclass
+class Problem:
+    """One matmul shape the runtime launches, and the layers that launch it."""
+
+    bits: int
+    group: int  # inputs per scale; K when per channel (the tables' convention)
+    N: int
+    K: int
+    packed: torch.Tensor  # int32 [N, K * bits / 32]
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bias: torch.Tensor | None
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.bits, self.group, self.N, self.K)
+
+    @property
+    def group_size(self) -> int | None:
+        return None if self.group >= self.K else self.group
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.packed, self.scale] + [t for t in (self.zero, self.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def label(self) -> str:
+        fmt = f"int{self.bits}-" + ("ch" if self.group >= self.K else f"g{self.group}") + ("-asym" if self.zero is not None else "")
+        return f"{self.N}x{self.K} {fmt}"
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K] on the problem's device (the reference's)."""
+        from inferkit.quant.pack import unpack_int32
+
+        q = unpack_int32(self.packed.cpu(), self.bits, self.K, dim=1).float()
+        idx = torch.arange(self.K) // self.group
+        w = q - self.zero.cpu().float()[:, idx] if self.zero is not None else q
+        return (w * self.scale.cpu().float()[:, idx]).to(self.packed.device)
+
+
+def model_problems(model) -> list[Problem]:
+    """The distinct Triton-quantized matmuls of a runtime model (``RuntimeModel`` built with the
+    triton linear backend), in layer order, each with the layer names that share it."""
+    from inferkit.runtime.linear import TritonQuantLinear
+
+    found: dict[tuple, Problem] = {}
+    named = [(f"layers.{i}.{part}", getattr(layer, part)) for i, layer in enumerate(model.layers)
+             for part in ("qkv", "o", "gate_up", "down")]
+    named.append(("lm_head", model.lm_head))
+    for name, lin in named:
+        if not isinstance(lin, TritonQuantLinear):
+            continue
+        group = lin.group_size or lin.in_features
+        p = Problem(lin.fmt.bits, group, lin.out_features, lin.in_features, lin.packed, lin.scale, lin.zero, lin.bias)
+        found.setdefault(p.key, p).layers.append(name)
+    return list(found.values())
+
+
+def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.device, grid: str = "full") -> list[dict]:
+    """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
+    dozen to two dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
+    warps, load variants and splits over a wider range; ``smoke``: one tiny config per kernel."""
+    from inferkit.kernels.quant_matmul import pick_config
+
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    vals = 32 // bits
+    picked = pick_config(M, N, K, group, device, bits)
+    picked["VEC_X" if M <= 4 else "ONE_DOT"] = True  # the kernels' defaults, spelled out
+    gemv_bk, mma_bk = picked["BK"], 16 * vals
+    if grid == "smoke":
+        kernels = ["gemv", "mma"] if M <= 4 else ["mma"]
+        out = [dict(picked)]
+        for kernel in kernels:
+            bk = gemv_bk if kernel == "gemv" else mma_bk
+            cfg = {"BN": 16, "BK": bk, "SPLIT_K": 2 if K >= 2 * bk else 1, "num_warps": 1}
+            if kernel == "mma" and M <= 4:
+                cfg["KERNEL"] = "mma"
+            out.append(cfg)
+        return _unique(out)
+    shapes: list[tuple] = []  # (kernel, BN, warps, variant, splits)
+    if grid == "quick":
+        if M == 1:
+            shapes = [("gemv", bn, w, v, (1, 4, 8, 16)) for bn, w, v in
+                      [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]]
+        elif M <= 4:
+            shapes = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]
+            shapes += [("mma", bn, 4, True, (1, 4)) for bn in (64, 128)]
+        else:
+            shapes = [("mma", bn, 4, v, (1, 4)) for bn, v in [(64, True), (128, True), (64, False)]]
+    else:
+        if M <= 4:
+            for bn in (32, 64, 128, 256):
+                for w in (2, 4, 8):
+                    words = bn * gemv_bk // vals // (32 * w)  # packed words per thread per tile
+                    if 1 <= words <= (16 if M == 1 else 8):
+                        shapes.append(("gemv", bn, w, True, (1, 2, 4, 8, 16)))
+            shapes.append(("gemv", picked["BN"], picked["num_warps"], False, (1, 2, 4, 8, 16)))
+            if M > 1:
+                shapes += [("mma", bn, 4, True, (1, 2, 4)) for bn in (64, 128)]
+        else:
+            shapes = [("mma", bn, w, v, (1, 2, 4, 8)) for bn, w in [(32, 4), (64, 4), (128, 4), (128, 8)]
+                      for v in (True, False)]
+    out = [dict(picked)]
+    for kernel, bn, warps, variant, splits in shapes:
+        bk = gemv_bk if kernel == "gemv" else mma_bk
+        for split in splits:
+            if split > 1 and K < bk * split:  # every split gets at least one tile of inputs
+                continue
+            cfg = {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps,
+                   ("VEC_X" if kernel == "gemv" else "ONE_DOT"): variant}
+            if kernel == "mma" and M <= 4:
+                cfg["KERNEL"] = "mma"
+            out.append(cfg)
+    return _unique(out)
+
+
+def _unique(configs: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for cfg in configs:
+        key = tuple(sorted(cfg.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+def time_call(make_call, nbytes: int, device: torch.device) -> float:
+    """Seconds per call, launch overhead removed. On CUDA: calls captured in a CUDA graph and
+    replayed (Triton's Python launcher costs microseconds, about what a small kernel runs),
+    cycling through ``make_call(i)`` for enough copies of the operands to exceed the L2 cache.
+    On the CPU (the Triton interpreter): the wall time of one call."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        make_call(0)()
+        return time.perf_counter() - start
+    copies = max(1, min(64, -(-L2_MISS_BYTES // max(nbytes, 1))))
+    calls = [make_call(i) for i in range(copies)]
+    for call in calls:  # compile and warm up outside the capture
+        call()
+    torch.cuda.synchronize(device)
+    reps = max(1, 32 // copies)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for call in calls:
+                call()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / (reps * copies))
+    return statistics.median(times)
+
+
+def operand_copies(problem: Problem, device: torch.device) -> list[tuple]:
+    """(packed, scale, zero, bias) copies enough to miss L2 when cycled (one on the CPU)."""
+    n = 1 if device.type != "cuda" else max(1, min(64, -(-L2_MISS_BYTES // max(problem.nbytes, 1))))
+    first = (problem.packed, problem.scale, problem.zero, problem.bias)
+    return [first] + [tuple(None if t is None else t.clone() for t in first) for _ in range(n - 1)]
+
+
+def sweep(problem: Problem, M: int, dtype: torch.dtype, configs: list[dict], copies: list[tuple] | None = None,
+          weight: torch.Tensor | None = None, seed: int = 0) -> list[dict]:
+    """Time each config for ``M`` rows of ``dtype`` activations. A config whose output is off the
+    float32 reference (relative error above ``MAX_REL_ERR``), or that fails to compile or launch,
+    is reported with ``error`` and no time. Rows: the config, ``us``, ``rel_err``, ``error``."""
+    from inferkit.kernels.quant_matmul import quant_matmul
+
+    device = problem.packed.device
+    copies = copies or operand_copies(problem, device)
+    weight = problem.dequantized() if weight is None else weight
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(M, problem.K, generator=g).to(device=device, dtype=dtype)
+    ref = x.float() @ weight.T
+    if problem.bias is not None:
+        ref += problem.bias.float()
+    rows = []
+    for cfg in configs:
+        row = {**cfg, "us": None, "rel_err": None, "error": None}
+        try:
+            got = quant_matmul(x, problem.packed, problem.scale, problem.zero, problem.bits, problem.group_size,
+                               problem.bias, config=cfg).float()
+            err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+            row["rel_err"] = err
+            if not err <= MAX_REL_ERR[dtype]:
+                row["error"] = f"wrong output: relative error {err:.3g}"
+            else:
+                def make(i, cfg=cfg):
+                    w, s, z, b = copies[i % len(copies)]
+                    return lambda: quant_matmul(x, w, s, z, problem.bits, problem.group_size, b, config=cfg)
+
+                row["us"] = time_call(make, problem.nbytes, device) * 1e6
+        except Exception as exc:  # a config this GPU cannot run (shared memory, registers)
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        rows.append(row)
+    return rows
+
+
+def best_entry(problem: Problem, M: int, rows: list[dict]) -> dict | None:
+    """The table entry for the fastest correct config (``heuristic_us``: the heuristic's time)."""
+    timed = [r for r in rows if r["us"] is not None]
+    if not timed:
+        return None
+    best = min(timed, key=lambda r: r["us"])
+    entry = {"bits": problem.bits, "group": problem.group, "K": problem.K, "N": problem.N, "M": M,
+             **{k: best[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL") if k in best},
+             "us": round(best["us"], 2)}
+    if rows[0]["us"] is not None:  # candidates() puts the heuristic's config first
+        entry["heuristic_us"] = round(rows[0]["us"], 2)
+    return entry
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """Entries of ``old`` not measured again, then ``new``, sorted by shape and rows."""
+    from inferkit.kernels import tuned
+
+    def key(e):
+        return (e["bits"], e["group"], e["N"], e["K"], tuned.bucket(e["M"]))
+
+    fresh = {key(e) for e in new}
+    return sorted([e for e in old if key(e) not in fresh] + new, key=lambda e: key(e) + (e["M"],))
