@@ -96,9 +96,16 @@ def correctness(model: str, w4: Path, tokens: list[int], log) -> dict:
     ids = tokens[:512]
     with torch.no_grad():
         ref = load_artifact_model(w4)(torch.tensor([ids])).logits[0]
-    for backend in ("torch", "reference"):
+    for backend in ("torch", "reference", "packed"):
         got = LLM(w4, linear_backend=backend).score(ids)
         result[f"w4_logits_maxdiff_{backend}"] = float((got - ref).abs().max())
+        if backend == "packed":  # bfloat16 products: how often the top token moves, and the loss it costs
+            nll = lambda logits: float(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])))  # noqa: E731
+            result["w4_packed_top1_agreement"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+            result["w4_packed_nll"], result["w4_exact_nll"] = nll(got), nll(ref)
+    packed_greedy = [o.token_ids for o in LLM(w4).generate(prompts, greedy)]
+    exact_greedy = [o.token_ids for o in LLM(w4, linear_backend="torch").generate(prompts, greedy)]
+    result["w4_packed_greedy_prompts_equal_exact"] = sum(a == b for a, b in zip(packed_greedy, exact_greedy))
     try:
         import compressed_tensors  # noqa: F401
         from transformers import AutoModelForCausalLM
@@ -106,7 +113,7 @@ def correctness(model: str, w4: Path, tokens: list[int], log) -> dict:
         ct = AutoModelForCausalLM.from_pretrained(w4, dtype=torch.float32).eval()
         with torch.no_grad():
             ct_logits = ct(torch.tensor([ids])).logits[0]
-        result["w4_logits_maxdiff_compressed_tensors"] = float((LLM(w4).score(ids) - ct_logits).abs().max())
+        result["w4_logits_maxdiff_compressed_tensors"] = float((LLM(w4, linear_backend="torch").score(ids) - ct_logits).abs().max())
     except ImportError:
         result["w4_logits_maxdiff_compressed_tensors"] = None
     log(f"  W4 logits: { {k: v for k, v in result.items() if k.startswith('w4')} }")
@@ -139,8 +146,13 @@ def speed(model: str, artifacts: dict[str, Path], tokens: list[int], repeats: in
     out = {"transformers_fp32": {"batch1_tok_s": statistics.median(hf_single), "batch1_runs": hf_single,
                                  "16_one_by_one_tok_s": hf_seq, "16_batched_generate_tok_s": hf_batch}}
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    for name, path in {"fp32": Path(model), **artifacts}.items():
-        llm = LLM(path)
+    # The quantized artifacts on the CPU default (PyTorch's packed INT4/INT8 kernels, bfloat16
+    # products) and on the exact path (dequantize into a scratch buffer, then an fp32 matmul).
+    engines = {"fp32": (Path(model), "auto")}
+    engines.update({name: (path, "auto") for name, path in artifacts.items()})
+    engines.update({f"{name}_exact": (path, "torch") for name, path in artifacts.items()})
+    for name, (path, backend) in engines.items():
+        llm = LLM(path, linear_backend=backend)
         llm.generate([single_prompt], SamplingParams(temperature=0, max_tokens=8))
         runs = []
         for _ in range(repeats):
@@ -153,7 +165,7 @@ def speed(model: str, artifacts: dict[str, Path], tokens: list[int], repeats: in
         row = {"batch1_tok_s": statistics.median(runs), "batch1_runs": runs, "16_concurrent_tok_s": conc,
                "batch1_speedup_vs_generate": statistics.median(runs) / statistics.median(hf_single),
                "16_concurrent_speedup_vs_one_by_one": conc / hf_seq,
-               "weights_mb": llm.engine.model.nbytes() / 2**20}
+               "weights_mb": llm.engine.model.nbytes() / 2**20, "linear_backend": llm.engine.backends["linear"]}
         out[name] = row
         log(f"  runtime {name}: batch 1 {row['batch1_tok_s']:.1f} tok/s ({row['batch1_speedup_vs_generate']:.2f}x), "
             f"16 concurrent {conc:.1f} tok/s ({row['16_concurrent_speedup_vs_one_by_one']:.2f}x)")

@@ -148,6 +148,7 @@ class ServeTestConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: str = "float32"
+    linear_backend: str = "auto"  # auto: triton on CUDA, packed on the CPU; torch: exact dequantize + matmul
     # Speculative decoding: a draft model folder, and draft tokens per step.
     draft: str | None = None
     num_speculative_tokens: int = 4
@@ -176,7 +177,7 @@ class ServeTestConfig:
 
     def engine_options(self) -> dict:
         keys = ("kv_cache_gb", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "enable_prefix_caching", "device", "dtype")
+                "max_model_len", "enable_prefix_caching", "device", "dtype", "linear_backend")
         options = {k: getattr(self, k) for k in keys}
         if self.draft:
             options.update(draft=self.draft, num_speculative_tokens=self.num_speculative_tokens)

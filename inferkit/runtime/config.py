@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from inferkit.errors import InferkitError
 
-LINEAR_BACKENDS = ("auto", "torch", "reference", "triton")
+LINEAR_BACKENDS = ("auto", "torch", "packed", "reference", "triton")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -21,7 +21,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "float32"  # activations and unquantized weights: float32, bfloat16, float16
     device: str = "cpu"
-    linear_backend: str = "auto"  # auto: triton on CUDA, else torch; reference: unpack the stored words every call
+    linear_backend: str = "auto"  # auto: triton on CUDA, packed on the CPU; torch: exact dequantize + matmul;
+    # reference: unpack the stored words every call
     attention_backend: str = "auto"  # auto: triton on CUDA, else torch (SDPA over gathered blocks)
     cuda_graphs: bool = True  # on CUDA with the triton attention: replay captured decode steps
     num_threads: int | None = None  # torch intra-op threads on CPU; None: leave as is
@@ -64,7 +65,9 @@ class EngineConfig:
         chosen = []
         for name, value in (("linear_backend", self.linear_backend), ("attention_backend", self.attention_backend)):
             if value == "auto":
-                value = "triton" if cuda and triton_ok else "torch"
+                value = ("triton" if triton_ok else "torch") if cuda else "packed" if name == "linear_backend" else "torch"
+            elif value == "packed" and cuda:
+                raise InferkitError("linear_backend=packed is PyTorch's CPU kernels; on CUDA use triton (or torch)")
             elif value == "triton":
                 if not triton_ok:
                     raise InferkitError(f"{name}=triton needs the triton package (pip install triton)")

@@ -11,7 +11,8 @@ import torch
 from inferkit.errors import InferkitError
 from inferkit.quant.scheme import QuantFormat
 from inferkit.quant import compressed
-from inferkit.runtime.linear import ConcatLinear, DenseLinear, QuantLinear, ReferenceQuantLinear, TritonQuantLinear
+from inferkit.runtime.linear import (ConcatLinear, DenseLinear, PackedCPULinear, QuantLinear, ReferenceQuantLinear,
+                                     TritonQuantLinear)
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
@@ -116,9 +117,12 @@ class LinearLoader:
             fmt = fmts.pop()
             parts = [compressed.decompress(self._tensors(n), fmt) for n in names]
             zero = torch.cat([p.zero_point for p in parts]) if parts[0].zero_point is not None else None
-            layer = QuantLinear(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, fmt,
-                                self.dtype, self._cat_bias(names))
-            return _to(layer, self.device)
+            codes, scale, bias = torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), self._cat_bias(names)
+            if self.backend == "packed" and PackedCPULinear.supports(fmt, *codes.shape, zero is not None):
+                fast = PackedCPULinear(codes, scale, zero, fmt, self.dtype, bias)
+                if fast.agrees_with(codes, scale, zero):
+                    return fast
+            return _to(QuantLinear(codes, scale, zero, fmt, self.dtype, bias), self.device)
         return ConcatLinear([self.load([n]) for n in names])
 
     def _cat_bias(self, names: list[str]) -> torch.Tensor | None:

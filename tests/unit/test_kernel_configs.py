@@ -123,7 +123,7 @@ def test_runtime_refuses_a_bad_override_before_loading(tmp_path, monkeypatch):
     monkeypatch.setenv(tuned.ENV, str(tmp_path / "t.json"))
     with pytest.raises(InferkitError, match="'BN' must be a power of two"):
         EngineConfig(device="cpu", linear_backend="triton").backends()
-    assert EngineConfig(device="cpu").backends() == ("torch", "torch")  # the tables concern Triton only
+    assert EngineConfig(device="cpu").backends() == ("packed", "torch")  # the tables concern Triton only
 
 
 def test_packaged_tables_are_valid_and_named_after_their_gpu():

@@ -330,7 +330,7 @@ def test_triton_backend_errors(tiny_llama, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(InferkitError, match="linear_backend=triton needs a CUDA device"):
             LLM(tiny_llama, linear_backend="triton")
-        assert LLM(tiny_llama).engine.backends == {"linear": "torch", "attention": "torch"}
+        assert LLM(tiny_llama).engine.backends == {"linear": "packed", "attention": "torch"}
 
 
 @pytest.mark.parametrize("M", [1, 3, 9])

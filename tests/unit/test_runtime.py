@@ -109,10 +109,56 @@ def test_quantized_artifact_logits_match_transformers(artifacts, name, backend):
 
 
 def test_quantized_weights_stay_packed(artifacts):
+    for backend, attr in (("torch", "packed"), ("packed", "weight")):
+        llm = LLM(artifacts["w4-asym-g32"], linear_backend=backend)
+        gate_up = llm.engine.model.layers[0].gate_up
+        assert getattr(gate_up, attr).dtype == torch.uint8
+        assert getattr(gate_up, attr).numel() == gate_up.out_features * gate_up.in_features // 2
+    down = LLM(artifacts["w8-ch"]).engine.model.layers[0].down
+    assert down.weight.dtype == torch.int8 and down.weight.shape == (64, 96)
+
+
+def _linears(llm):
+    for layer in llm.engine.model.layers:
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            yield from getattr(lin, "parts", [lin])
+
+
+@pytest.mark.parametrize("name", ["w4-asym-g32", "w8-ch", "w4-sym-g64", "mixed"])
+def test_packed_cpu_kernels_are_the_cpu_default_and_close_to_exact(artifacts, name):
+    """On the CPU, INT4 (groups, asymmetric, per channel as groups of 32) and INT8 per channel run
+    through PyTorch's packed kernels with bfloat16 products: logits within bfloat16 rounding of
+    the exact path (measured 0.018-0.022 on logits of magnitude ~2.6 on these models)."""
+    ids = list(range(3, 60))
+    exact = LLM(artifacts[name], linear_backend="torch")
+    packed = LLM(artifacts[name])
+    assert packed.engine.backends == {"linear": "packed", "attention": "torch"}
+    kinds = {type(lin).__name__ for lin in _linears(packed)}
+    assert kinds == ({"PackedCPULinear", "DenseLinear"} if name == "mixed" else {"PackedCPULinear"})  # k_proj kept dense
+    a, b = exact.score(ids), packed.score(ids)
+    assert (a - b).abs().max() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
+
+
+def test_packed_kernel_limits_fall_back_to_the_exact_path(artifacts, monkeypatch):
+    """Shapes the kernels cannot take are refused up front, and a layer whose packed output does
+    not match the exact product when it is built (the INT8 kernel gives wrong sums, or crashes, for
+    inputs not in multiples of 16) is served by the exact path."""
+    from inferkit.quant.scheme import QuantFormat
+    from inferkit.runtime.linear import PackedCPULinear, QuantLinear
+
+    assert PackedCPULinear.supports(QuantFormat(4, 32, False), 64, 96, True)
+    assert PackedCPULinear.supports(QuantFormat(4, None), 64, 96, False)  # per channel: 3 groups of 32
+    assert not PackedCPULinear.supports(QuantFormat(4, 32), 40, 64, False)  # outputs not a multiple of 16
+    assert not PackedCPULinear.supports(QuantFormat(4, None), 64, 80, False)  # no group of 32-256 fits
+    assert not PackedCPULinear.supports(QuantFormat(8, None), 64, 104, False)  # INT8 inputs in multiples of 32
+    assert not PackedCPULinear.supports(QuantFormat(8, None, False), 64, 96, True)  # INT8 zero points
+    assert not PackedCPULinear.supports(QuantFormat(8, 32), 64, 96, False)  # INT8 groups
+    exact = LLM(artifacts["w4-asym-g32"], linear_backend="torch").score(list(range(3, 40)))
+    monkeypatch.setattr(PackedCPULinear, "__call__", lambda self, x: torch.zeros(x.shape[0], self.out_features))
     llm = LLM(artifacts["w4-asym-g32"])
-    layer = llm.engine.model.layers[0]
-    assert layer.gate_up.packed.dtype == torch.uint8
-    assert layer.gate_up.packed.numel() == layer.gate_up.out_features * layer.gate_up.in_features // 2
+    assert {type(lin) for lin in _linears(llm)} == {QuantLinear}
+    assert torch.equal(llm.score(list(range(3, 40))), exact)
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(tiny_llama):

@@ -35,12 +35,13 @@ def artifact(tiny_llama, tmp_path_factory):
 
 def test_passing_run_writes_report_and_junit(artifact, tmp_path):
     out = tmp_path / "st"
-    code, output = invoke(artifact, "-o", out, *SMALL)
+    code, output = invoke(artifact, "-o", out, "--linear-backend", "torch", *SMALL)
     assert code == 0, output
     assert "serve-test passed" in output
     report = json.loads((out / "report.json").read_text())
     q, load, mem = report["quality"], report["load"], report["memory"]
-    # The default reference is the artifact's own weights: the runtime must reproduce them.
+    # The default reference is the artifact's own weights: the exact backend must reproduce them.
+    assert report["backends"] == {"linear": "torch", "attention": "torch"}
     assert q["agreement"] == 1.0 and abs(q["ppl_increase_pct"]) < 0.01
     assert load["requests"] == 6 and load["failed_requests"] == 0
     assert 4 * 6 <= load["generated_tokens"] <= 12 * 6
