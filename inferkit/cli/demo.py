@@ -33,6 +33,8 @@ def demo(
     q, ld = st["quality"], st["load"]
     console.print(table("serve-test: the artifact in inferkit's runtime", ["metric", "value"], [
         ["agreement with transformers on the same weights", q["agreement"]],
+        ["quantized matmuls", {"packed": "PyTorch's packed CPU kernels (bfloat16 products)",
+                               "torch": "exact (dequantize, fp32 matmul)"}.get(st["backends"]["linear"], st["backends"]["linear"])],
         ["perplexity runtime / transformers", f"{q['perplexity']:.3f} / {q['reference_perplexity']:.3f}"],
         [f"throughput, {ld['requests']} requests at once (tok/s)", ld["throughput_tok_s"]],
         ["time to first token p50 / p99 (ms)", f"{ld['ttft_ms_p50']:.0f} / {ld['ttft_ms_p99']:.0f}"],

@@ -34,5 +34,8 @@ def test_serve_test_passes_on_a_w8_artifact(demo_model, tmp_path):
                                       "--window-size", "256", "--kv-cache-gb", "0.25", "--max-model-len", "1024"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "st" / "report.json").read_text())
-    assert report["quality"]["agreement"] >= 0.95 and abs(report["quality"]["ppl_increase_pct"]) < 0.1
+    # the CPU default multiplies INT8 with bfloat16 products: measured agreement 0.984 and a
+    # perplexity change of -0.20% on this one 256-token window (the exact path: within 0.1%)
+    assert report["backends"]["linear"] == "packed"
+    assert report["quality"]["agreement"] >= 0.95 and abs(report["quality"]["ppl_increase_pct"]) < 0.5
     assert report["load"]["failed_requests"] == 0 and report["load"]["generated_tokens"] >= 6 * 8
