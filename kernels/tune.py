@@ -61,11 +61,13 @@ class Problem:
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [N, K] on the problem's device (the reference's)."""
         from inferkit.quant.pack import unpack_int32
+        from inferkit.quant.rtn import dequantize
+        from inferkit.quant.scheme import QuantFormat
 
-        q = unpack_int32(self.packed.cpu(), self.bits, self.K, dim=1).float()
-        idx = torch.arange(self.K) // self.group
-        w = q - self.zero.cpu().float()[:, idx] if self.zero is not None else q
-        return (w * self.scale.cpu().float()[:, idx]).to(self.packed.device)
+        q = unpack_int32(self.packed.cpu(), self.bits, self.K, dim=1)
+        fmt = QuantFormat(self.bits, self.group_size, symmetric=self.zero is None)
+        zero = self.zero.cpu() if self.zero is not None else None
+        return dequantize(q, self.scale.cpu(), zero, fmt).to(self.packed.device)
 
 
 def model_problems(model) -> list[Problem]:
@@ -155,6 +157,11 @@ def _unique(configs: list[dict]) -> list[dict]:
     return out
 
 
+def _l2_copies(nbytes: int) -> int:
+    """Copies of ``nbytes`` of operands that together exceed ``L2_MISS_BYTES`` (1-64)."""
+    return max(1, min(64, -(-L2_MISS_BYTES // max(nbytes, 1))))
+
+
 def time_call(make_call, nbytes: int, device: torch.device) -> float:
     """Seconds per call, launch overhead removed. On CUDA: calls captured in a CUDA graph and
     replayed (Triton's Python launcher costs microseconds, about what a small kernel runs),
@@ -164,7 +171,7 @@ def time_call(make_call, nbytes: int, device: torch.device) -> float:
         start = time.perf_counter()
         make_call(0)()
         return time.perf_counter() - start
-    copies = max(1, min(64, -(-L2_MISS_BYTES // max(nbytes, 1))))
+    copies = _l2_copies(nbytes)
     calls = [make_call(i) for i in range(copies)]
     for call in calls:  # compile and warm up outside the capture
         call()
@@ -190,7 +197,7 @@ def time_call(make_call, nbytes: int, device: torch.device) -> float:
 
 def operand_copies(problem: Problem, device: torch.device) -> list[tuple]:
     """(packed, scale, zero, bias) copies enough to miss L2 when cycled (one on the CPU)."""
-    n = 1 if device.type != "cuda" else max(1, min(64, -(-L2_MISS_BYTES // max(problem.nbytes, 1))))
+    n = 1 if device.type != "cuda" else _l2_copies(problem.nbytes)
     first = (problem.packed, problem.scale, problem.zero, problem.bias)
     return [first] + [tuple(None if t is None else t.clone() for t in first) for _ in range(n - 1)]
 

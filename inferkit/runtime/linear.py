@@ -180,10 +180,9 @@ class PackedCPULinear:
     def agrees_with(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> bool:
         """Whether this layer's output matches the exact product ``x @ ((q - zero) * scale).T``
         (float32, computed here from the integers) on random inputs, to bfloat16 rounding."""
-        groups = scale.shape[1]
-        idx = torch.arange(self.in_features) // (self.in_features // groups)
-        w = codes.float() - (zero_point.float()[:, idx] if zero_point is not None else 0.0)
-        w = w * scale.float()[:, idx]
+        from inferkit.quant.rtn import dequantize
+
+        w = dequantize(codes, scale, zero_point, self.fmt)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(3, self.in_features, generator=g).to(torch.bfloat16).to(self.dtype)
         with torch.inference_mode():
