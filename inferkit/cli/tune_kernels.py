@@ -20,10 +20,20 @@ def _rows(text: str) -> list[int]:
 
 
 def describe(cfg: dict) -> str:
-    """A config in a few characters: ``gemv 128x128 split 8 w4`` (BN x BK, splits of K, warps)."""
+    """A config in a few characters: ``gemv 128x128 k8 w4`` (BN x BK, splits of K, warps)."""
     kernel = cfg.get("KERNEL", "gemv" if cfg["M"] <= 4 else "mma")
     variant = {("gemv", False): " strided-x", ("mma", False): " dot/value"}.get((kernel, cfg.get("VEC_X", cfg.get("ONE_DOT", True))), "")
-    return f"{kernel} {cfg['BN']}x{cfg['BK']} split {cfg['SPLIT_K']} w{cfg['num_warps']}{variant}"
+    return f"{kernel} {cfg['BN']}x{cfg['BK']} k{cfg['SPLIT_K']} w{cfg['num_warps']}{variant}"
+
+
+def duration(us: float | None) -> str:
+    """A time per call in three or four digits and its unit (GPU calls take µs, interpreted ones seconds)."""
+    if us is None:
+        return ""
+    for unit, scale in (("µs", 1.0), ("ms", 1e3), ("s", 1e6)):
+        if us < 999.5 * scale or unit == "s":  # thresholds as rounded: 999.6 µs is 1.0 ms
+            return f"{us / scale:.1f} {unit}" if us < 99.95 * scale else f"{us / scale:.0f} {unit}"
+    raise AssertionError
 
 
 @handle_errors
@@ -56,11 +66,14 @@ def tune_kernels(
         best = r["best"]
         heur = best.get("heuristic_us") if best else None
         failed = sum(1 for c in r["configs"] if c["error"])
-        shown.append([r["shape"], len(r["layers"]), r["M"], heur, best["us"] if best else None,
+        shown.append([r["shape"], len(r["layers"]), r["M"], duration(heur), duration(best["us"] if best else None),
                       f"{heur / best['us']:.2f}x" if best and heur else None, describe(best) if best else "none ran",
                       f"{failed}/{len(r['configs'])}" if failed else ""])
-    console.print(table(f"matmul tiles on {result['device']} ({result['dtype']} activations; µs per call)",
-                        ["shape", "layers", "rows", "heuristic", "best", "gain", "best config", "failed"], shown))
+    columns = ["shape", "layers", "rows", "heuristic", "best", "gain", "best config", "failed"]
+    if not any(row[-1] for row in shown):  # the column only when a config failed
+        columns, shown = columns[:-1], [row[:-1] for row in shown]
+    console.print(table(f"matmul tiles on {result['device']} ({result['dtype']} activations; time per call; "
+                        "config: kernel BNxBK, k splits of K, w warps)", columns, shown))
     if result["interpreted"]:
         console.print("[yellow]interpreted on the CPU: these times are the interpreter's, not a GPU's[/]")
     console.print(f"{len(entries)} configs in {out}; serve with them: INFERKIT_KERNEL_CONFIGS={out}")

@@ -159,3 +159,14 @@ def test_candidate_grids():
     assert all(c["SPLIT_K"] * c["BK"] <= 64 or c["SPLIT_K"] == 1 for c in small_k)  # each split gets inputs
     with pytest.raises(ValueError, match="grid must be one of"):
         tune.candidates(1, 64, 64, 32, 4, dev, "everything")
+
+
+def test_table_labels_for_times_and_configs():
+    from inferkit.cli.tune_kernels import describe, duration
+
+    assert [duration(v) for v in (None, 21.93, 99.94, 99.96, 999.4, 999.6, 1500.0, 524822.9, 1217572.3)] == [
+        "", "21.9 µs", "99.9 µs", "100 µs", "999 µs", "1.0 ms", "1.5 ms", "525 ms", "1.2 s"]
+    assert describe({"M": 1, "BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 4, "VEC_X": True}) == "gemv 128x128 k8 w4"
+    assert describe({"M": 1, "BN": 64, "BK": 128, "SPLIT_K": 1, "num_warps": 2, "VEC_X": False}) == "gemv 64x128 k1 w2 strided-x"
+    assert describe({"M": 16, "BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "ONE_DOT": False}) == "mma 64x128 k4 w4 dot/value"
+    assert describe({"M": 2, "KERNEL": "mma", "BN": 64, "BK": 128, "SPLIT_K": 1, "num_warps": 4}) == "mma 64x128 k1 w4"
