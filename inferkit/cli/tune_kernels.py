@@ -30,10 +30,9 @@ def duration(us: float | None) -> str:
     """A time per call in three or four digits and its unit (GPU calls take µs, interpreted ones seconds)."""
     if us is None:
         return ""
-    for unit, scale in (("µs", 1.0), ("ms", 1e3), ("s", 1e6)):
-        if us < 999.5 * scale or unit == "s":  # thresholds as rounded: 999.6 µs is 1.0 ms
-            return f"{us / scale:.1f} {unit}" if us < 99.95 * scale else f"{us / scale:.0f} {unit}"
-    raise AssertionError
+    unit, scale = next((u, s) for u, s in (("µs", 1.0), ("ms", 1e3), ("s", 1e6))
+                       if us < 999.5 * s or u == "s")  # thresholds as rounded: 999.6 µs is 1.0 ms
+    return f"{us / scale:.1f} {unit}" if us < 99.95 * scale else f"{us / scale:.0f} {unit}"
 
 
 @handle_errors
