@@ -425,10 +425,12 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     if not per_channel and (group % vals or G != -(-K // group)):
         raise ValueError(f"group size {group}: must be a multiple of {vals} values per word, with {-(-K // group)} "
                          f"scales per row (got {G})")
+    from inferkit.kernels import tuned
+
     cfg = {**dict(_picked(M, N, K, group, device, bits)), **dict(config or ())}
-    kernel = cfg.get("KERNEL", "gemv" if M <= 4 else "mma")
-    if kernel not in ("gemv", "mma") or (kernel == "gemv" and M > 4):
-        raise ValueError(f"KERNEL {kernel!r}: 'mma', or 'gemv' for up to 4 rows")
+    kernel = tuned.kernel_for(M, cfg)
+    if kernel is None:
+        raise ValueError(f"KERNEL {cfg['KERNEL']!r}: 'mma', or 'gemv' for up to 4 rows")
     if cfg["BK"] // vals < (16 if kernel == "mma" else 1):
         raise ValueError(f"BK {cfg['BK']} too small: the MMA kernel needs 16 words per step")
     ieee = dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)

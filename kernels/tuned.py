@@ -49,6 +49,13 @@ def bucket(M: int) -> int | None:
     return None
 
 
+def kernel_for(M: int, cfg: dict) -> str | None:
+    """The kernel a config launches for M rows: its ``KERNEL``, else the GEMV up to 4 rows and
+    the MMA kernel above; None when ``KERNEL`` names no kernel, or the GEMV above 4 rows."""
+    kernel = cfg.get("KERNEL", "gemv" if M <= 4 else "mma")
+    return kernel if kernel == "mma" or (kernel == "gemv" and M <= 4) else None
+
+
 def _check(entry: dict, where: str) -> dict:
     """An entry with its fields checked; a bad one is a clear error naming the table."""
     bad = lambda why: ValueError(f"{where}: config {entry!r}: {why}")  # noqa: E731
@@ -63,8 +70,8 @@ def _check(entry: dict, where: str) -> dict:
     for key in ("BN", "BK"):
         if entry[key] & (entry[key] - 1):
             raise bad(f"'{key}' must be a power of two")
-    kernel = entry.get("KERNEL", "gemv" if entry["M"] <= 4 else "mma")
-    if kernel not in ("gemv", "mma") or (kernel == "gemv" and entry["M"] > 4):
+    kernel = kernel_for(entry["M"], entry)
+    if kernel is None:
         raise bad("'KERNEL' must be 'mma', or 'gemv' for up to 4 rows")
     if entry["BK"] % vals or entry["BK"] // vals < (16 if kernel == "mma" else 1):
         raise bad(f"'BK' must hold whole words ({vals} values), at least 16 of them for the MMA kernel")

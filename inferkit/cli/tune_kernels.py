@@ -21,7 +21,9 @@ def _rows(text: str) -> list[int]:
 
 def describe(cfg: dict) -> str:
     """A config in a few characters: ``gemv 128x128 k8 w4`` (BN x BK, splits of K, warps)."""
-    kernel = cfg.get("KERNEL", "gemv" if cfg["M"] <= 4 else "mma")
+    from inferkit.kernels.tuned import kernel_for
+
+    kernel = kernel_for(cfg["M"], cfg)
     variant = {("gemv", False): " strided-x", ("mma", False): " dot/value"}.get((kernel, cfg.get("VEC_X", cfg.get("ONE_DOT", True))), "")
     return f"{kernel} {cfg['BN']}x{cfg['BK']} k{cfg['SPLIT_K']} w{cfg['num_warps']}{variant}"
 

@@ -65,7 +65,10 @@ class EngineConfig:
         chosen = []
         for name, value in (("linear_backend", self.linear_backend), ("attention_backend", self.attention_backend)):
             if value == "auto":
-                value = ("triton" if triton_ok else "torch") if cuda else "packed" if name == "linear_backend" else "torch"
+                if cuda:
+                    value = "triton" if triton_ok else "torch"
+                else:
+                    value = "packed" if name == "linear_backend" else "torch"
             elif value == "packed" and cuda:
                 raise InferkitError("linear_backend=packed is PyTorch's CPU kernels; on CUDA use triton (or torch)")
             elif value == "triton":
