@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferkit.kernels import tuned
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -356,16 +358,12 @@ def _device_name(device: torch.device) -> str | None:
 def _picked(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int) -> tuple:
     """The launch config: a measured one for this GPU model and shape if a table has it
     (``inferkit.kernels.tuned``), else the heuristic's."""
-    from inferkit.kernels import tuned
-
     cfg = tuned.lookup(M, N, K, group_size, bits, _device_name(device)) or pick_config(M, N, K, group_size, device, bits)
     return tuple(cfg.items())
 
 
 def reset_configs() -> None:
     """Forget picked configs and loaded tables (after changing ``INFERKIT_KERNEL_CONFIGS``)."""
-    from inferkit.kernels import tuned
-
     _picked.cache_clear()
     _plan.cache_clear()
     tuned.clear_cache()
@@ -425,8 +423,6 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     if not per_channel and (group % vals or G != -(-K // group)):
         raise ValueError(f"group size {group}: must be a multiple of {vals} values per word, with {-(-K // group)} "
                          f"scales per row (got {G})")
-    from inferkit.kernels import tuned
-
     cfg = {**dict(_picked(M, N, K, group, device, bits)), **dict(config or ())}
     kernel = tuned.kernel_for(M, cfg)
     if kernel is None:
