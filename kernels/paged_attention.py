@@ -64,7 +64,9 @@ def _online_softmax(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["stride_tb"])  # eager steps' tables widen as contexts grow: no recompile
+# Eager steps' tables widen as contexts grow, and the (max, sum) strides follow the split count
+# (2 x splits: divisible by 16 from 8 splits on): neither is specialized, so neither recompiles.
+@triton.jit(do_not_specialize=["stride_tb", "stride_mb", "stride_mh"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
     scale, tokens_per_split,
@@ -106,7 +108,7 @@ def _decode_split_kernel(
         tl.store(ml + 1, l_i, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_mb", "stride_mh"])  # as in the split kernel
 def _merge_kernel(part_ptr, ml_ptr, out_ptr, num_splits, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh,
                   stride_ms, stride_ob, stride_oh,
                   S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):

@@ -186,6 +186,23 @@ def test_quant_matmul_bias_larger_batch_and_a_non_power_of_two_input():
     assert rel_err(quant_matmul(x, w, s, z, 8, None), reference_quant_matmul(x, w, s, z, 8, None)) < 1e-5
 
 
+@pytest.mark.parametrize("M, group, bits, one_dot", [(64, 32, 4, False), (64, 64, 4, False), (64, 128, 4, True),
+                                                     (64, 32, 8, False), (64, 64, 8, True), (64, None, 8, True),
+                                                     (32, 64, 4, True)])
+def test_quant_matmul_64_row_tiles_with_scales_inside_a_k_tile_take_a_dot_per_value(M, group, bits, one_dot):
+    """Triton 3.6 cannot compile the joined tile at 64-row tiles when the scales change inside a
+    K tile (seen on an H100 with the GPU image's Triton): those launches take the other path, and
+    still give the reference's numbers."""
+    from inferkit.kernels import quant_matmul as qm
+
+    K = 512
+    G = 1 if group is None else K // group
+    *_, consts = qm._plan(M, 64, K, K * bits // 32, G, bits, group, torch.float16, torch.device(DEVICE), False, False, None)
+    assert consts["BM"] == M and consts["ONE_DOT"] is one_dot
+    x, w, s, z = quant_case(M, 64, K, bits, group, False, torch.float16, seed=M + bits)
+    assert rel_err(quant_matmul(x, w, s, z, bits, group), reference_quant_matmul(x, w, s, z, bits, group)) < 2e-3
+
+
 def test_quant_matmul_launches_the_measured_config_for_its_gpu(tmp_path, monkeypatch):
     """A table for the GPU model (here a made-up one) replaces the heuristic for the shapes and
     row buckets it lists, and those launches still give the reference's numbers."""

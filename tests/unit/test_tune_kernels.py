@@ -46,8 +46,12 @@ def test_tunes_the_shapes_the_runtime_launches(tuned_run):
         [(4, 32, 192, 64, m) for m in (1, 3, 16)] + [(8, 96, 64, 96, m) for m in (1, 3, 16)]
     assert report["results"][0]["layers"] == ["layers.0.qkv", "layers.1.qkv"]
     assert report["results"][-1]["layers"] == ["layers.0.down", "layers.1.down"]
-    assert report["interpreted"] and report["device"] == "cpu (Triton interpreter)"
-    assert "interpreted on the CPU" in output and "INFERKIT_KERNEL_CONFIGS=" in output
+    if DEVICE.type == "cpu":
+        assert report["interpreted"] and report["device"] == "cpu (Triton interpreter)"
+        assert "interpreted on the CPU" in output
+    else:
+        assert not report["interpreted"] and report["device"] == torch.cuda.get_device_name()
+    assert "INFERKIT_KERNEL_CONFIGS=" in output
 
 
 def test_every_config_is_checked_then_timed_and_the_fastest_kept(tuned_run):
@@ -97,9 +101,9 @@ def test_existing_table_needs_overwrite_or_update(tuned_run, w4_mixed_artifact):
     _, entries = tuned.read_table(copy)
     assert sorted({e["M"] for e in entries}) == [1, 2, 3, 16] and len(entries) == 16  # 3 re-measured, 2 added
     other = out.with_name("other.json")
-    tuned.write_table(other, "NVIDIA H100 80GB HBM3", entries[:1])
+    tuned.write_table(other, "Some Other GPU 80GB", entries[:1])  # not this machine's, whatever it has
     code, output = invoke("tune-kernels", w4_mixed_artifact, "-o", other, "--grid", "smoke", "--rows", "1", "--update")
-    assert code == 1 and "is a table for 'NVIDIA H100 80GB HBM3', not this GPU" in output
+    assert code == 1 and "is a table for 'Some Other GPU 80GB', not this GPU" in output
 
 
 @pytest.mark.parametrize("args, why", [
