@@ -13,6 +13,7 @@ baseline, and greedy agreement between the two.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -92,10 +93,12 @@ def main() -> None:
         results[f"transformers_{dtype}"] = {"batch1_tok_s": b1, "one_by_one_tok_s": seq}
         print(f"transformers {dtype}: batch 1 {b1:.1f} tok/s, one by one {seq:.1f} tok/s", flush=True)
         del hf
+        gc.collect()
         engines = {dtype: (model, dtype)}
         if dtype == "bfloat16":
             engines.update({k: (v, dtype) for k, v in arts.items()})
         for name, (path, dt) in engines.items():
+            torch.cuda.reset_peak_memory_stats()  # each engine's own peak, not the process's
             llm = LLM(path, device="cuda", dtype=dt)
             params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
             llm.generate([single], SamplingParams(temperature=0, max_tokens=8))
@@ -119,6 +122,7 @@ def main() -> None:
             print(f"runtime {name} {dt}: {json.dumps(row)}", flush=True)
             save(args.out, results)  # after every engine: a time limit keeps what was measured
             del llm
+            gc.collect()  # the engine's graphs and caches go before the next one is built
             torch.cuda.empty_cache()
     save(args.out, results)
 
