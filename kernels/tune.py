@@ -119,7 +119,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             shapes = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]
             shapes += [("mma", bn, 4, True, (1, 4)) for bn in (64, 128)]
         else:
-            shapes = [("mma", bn, 4, v, (1, 4)) for bn, v in [(64, True), (128, True), (64, False)]]
+            shapes = [("mma", bn, 4, v, (1, 4, 8)) for bn, v in [(64, True), (128, True), (64, False)]]
     else:
         if M <= 4:
             for bn in (32, 64, 128, 256):

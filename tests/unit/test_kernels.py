@@ -203,6 +203,34 @@ def test_quant_matmul_64_row_tiles_with_scales_inside_a_k_tile_take_a_dot_per_va
     assert rel_err(quant_matmul(x, w, s, z, bits, group), reference_quant_matmul(x, w, s, z, bits, group)) < 2e-3
 
 
+def test_shipped_tables_are_served_for_their_gpu(monkeypatch):
+    """Every table under kernels/configs/ (measured on a GPU) reads, is named after its GPU model,
+    and the lookup gives each of its entries, as the launch plan accepts them, to that model only."""
+    from pathlib import Path
+
+    from inferkit.kernels import quant_matmul as qm
+    from inferkit.kernels import tuned
+
+    monkeypatch.delenv(tuned.ENV, raising=False)
+    tables = sorted(Path(tuned.PACKAGED).glob("*.json"))
+    assert any(p.name == "NVIDIA_H100_80GB_HBM3.json" for p in tables)
+    tuned.clear_cache()
+    try:
+        for path in tables:
+            device, entries = tuned.read_table(path)
+            assert path.name == tuned.slug(device) + ".json" and entries
+            for e in entries:
+                cfg = tuned.lookup(e["M"], e["N"], e["K"], e["group"], e["bits"], device)
+                assert cfg == {k: e[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL") if k in e}
+                assert tuned.lookup(e["M"], e["N"], e["K"], e["group"], e["bits"], "Some Other GPU") is None
+                G = 1 if e["group"] >= e["K"] else -(-e["K"] // e["group"])
+                kernel, *_ = qm._plan(e["M"], e["N"], e["K"], e["K"] * e["bits"] // 32, G, e["bits"], e["group"],
+                                      torch.bfloat16, torch.device("cpu"), False, False, tuple(cfg.items()))
+                assert kernel is (qm._gemv_kernel if tuned.kernel_for(e["M"], cfg) == "gemv" else qm._mma_kernel)
+    finally:
+        tuned.clear_cache()
+
+
 def test_quant_matmul_launches_the_measured_config_for_its_gpu(tmp_path, monkeypatch):
     """A table for the GPU model (here a made-up one) replaces the heuristic for the shapes and
     row buckets it lists, and those launches still give the reference's numbers."""
@@ -244,6 +272,11 @@ def test_config_heuristic(monkeypatch):
     assert pick_config(1, 4096, 4096, 4096, cuda)["BK"] == 256  # per channel
     assert pick_config(1, 128256, 2048, 128, cuda)["SPLIT_K"] == 1  # a vocabulary head fills the GPU alone
     assert pick_config(256, 14336, 4096, 128, cuda)["SPLIT_K"] == 1  # 448 MMA tiles fill it
+    # 5-32 rows: K split 4 ways where it has the length (the H100 sweep's fastest at 8 and 32 rows)
+    for M, N, K in ((8, 4096, 4096), (8, 14336, 4096), (32, 4096, 14336)):
+        assert pick_config(M, N, K, 128, cuda)["SPLIT_K"] == 4
+    assert pick_config(33, 4096, 14336, 128, cuda)["SPLIT_K"] == 1  # above 32 rows: no split
+    assert pick_config(8, 576, 576, 64, cuda)["SPLIT_K"] == 2  # 576 inputs: each split keeps 2 tiles of 128
     assert pick_config(8, 576, 576, 32, cuda, bits=4)["BK"] == 128  # 16 words per MMA step
     assert pick_config(8, 576, 576, 32, cuda, bits=8)["BK"] == 64
 
