@@ -447,8 +447,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True)}
     # Triton 3.6 fails to compile the joined tile (one dot) at 64-row tiles when the scales change
     # inside a K tile ("Illegal shared layout"; 3.9 compiles it): those take a dot per value position.
-    one_dot = cfg.get("ONE_DOT", True) and not (bm == 64 and not per_channel and
-                                                not (cfg["BK"] <= group and group % cfg["BK"] == 0))
+    one_dot = cfg.get("ONE_DOT", True) and not (bm == 64 and not per_channel and group % cfg["BK"])
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
         **consts, "IEEE": ieee, "ONE_DOT": one_dot, "num_stages": 2}
 
