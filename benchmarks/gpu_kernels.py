@@ -281,12 +281,16 @@ def end_to_end(work: Path, tokenizer_dir: Path) -> dict:
         if batch == 1:
             hf_tokens = ref[0, 32:].tolist()
     del hf
-    for graphs in (True, False):
+    from inferkit.runtime.model import RuntimeModel
+
+    # graphs_unfused: the layer's element-wise steps as PyTorch operators (what inferkit.kernels.fused saves)
+    for tag, graphs, fused in (("graphs", True, True), ("graphs_unfused", True, False), ("eager", False, True)):
+        RuntimeModel.fuse_elementwise = fused
         try:
             llm = LLM(folder, device=DEV, dtype="bfloat16", cuda_graphs=graphs, max_model_len=1024,
                       kv_cache_gb=0.1 if SMOKE else 4, linear_backend="triton", attention_backend="triton")
         except Exception as exc:  # report and go on: the other variant still measures
-            out[f"runtime_{'graphs' if graphs else 'eager'}_error"] = repr(exc)
+            out[f"runtime_{tag}_error"] = repr(exc)
             continue
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         for batch in (1, 32):
@@ -295,7 +299,6 @@ def end_to_end(work: Path, tokenizer_dir: Path) -> dict:
             start = time.perf_counter()
             outs = llm.generate(prompts[:batch], params)
             sync()
-            tag = "graphs" if graphs else "eager"
             out[f"runtime_{tag}_batch{batch}_tok_s"] = batch * n / (time.perf_counter() - start)
             if batch == 1:
                 got = outs[0].token_ids
@@ -303,6 +306,7 @@ def end_to_end(work: Path, tokenizer_dir: Path) -> dict:
                     (i for i, (a, b) in enumerate(zip(got, hf_tokens)) if a != b), len(got))
         out["backends"] = llm.engine.backends
         del llm
+    RuntimeModel.fuse_elementwise = True
     best = "graphs" if "runtime_graphs_batch1_tok_s" in out else "eager"
     for batch in (1, 32):
         out[f"speedup_batch{batch}"] = out[f"runtime_{best}_batch{batch}_tok_s"] / out[f"transformers_batch{batch}_tok_s"]
@@ -360,7 +364,7 @@ def main() -> None:
                  if "tuned_graphed_int4_us" in r else ""))
     if "end_to_end" in results:
         e = results["end_to_end"]
-        for tag in ("graphs", "eager"):
+        for tag in ("graphs", "graphs_unfused", "eager"):
             if f"runtime_{tag}_batch1_tok_s" in e:
                 print(f"  e2e 1B bf16 runtime ({tag}): batch 1 {e[f'runtime_{tag}_batch1_tok_s']:.0f} tok/s, batch 32 "
                       f"{e[f'runtime_{tag}_batch32_tok_s']:.0f}; same greedy tokens as generate for the first "
@@ -390,8 +394,11 @@ def print_targets(results: dict) -> None:
               f"swept tiles (>= 2.5x): {verdict(best >= 2.5)}")
     e = results.get("end_to_end", {})
     if "speedup_batch1" in e:
-        print(f"  runtime decode, batch 1, Llama-1B shape: {e['speedup_batch1']:.1f}x generate() (>= 8x): "
-              f"{verdict(e['speedup_batch1'] >= 8)}")
+        best = "graphs" if "runtime_graphs_batch1_tok_s" in e else "eager"
+        tok_s = e[f"runtime_{best}_batch1_tok_s"]
+        print(f"  runtime decode, batch 1, Llama-1B shape: {tok_s:.0f} tok/s, {e['speedup_batch1']:.1f}x generate() "
+              f"measured here (>= 8x): {verdict(e['speedup_batch1'] >= 8)}; {tok_s / 53:.1f}x the 53 tok/s the issue "
+              f"quotes for generate() on an H200 (>= 8x): {verdict(tok_s >= 8 * 53)}")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from inferkit.kernels import kv_cache, paged_attention, quant_matmul
+    from inferkit.kernels import fused, paged_attention, quant_matmul
     from inferkit.quant.pack import pack_int32
 
-    for mod, names in ((quant_matmul, ("_gemv_kernel", "_mma_kernel")), (kv_cache, ("_store_kv_kernel",)),
+    for mod, names in ((quant_matmul, ("_gemv_kernel", "_mma_kernel")), (fused, ("_rope_store_kernel", "_rms_norm_kernel", "_silu_mul_kernel")),
                        (paged_attention, ("_decode_split_kernel", "_merge_kernel"))):
         for name in names:
             setattr(mod, name, _NoLaunch())
@@ -94,10 +94,19 @@ def main() -> None:
         rows.append({"wrapper": "paged_decode_attention", "shape": f"batch {batch}, 32/8 heads, context 1000",
                      "us": per_call_us(lambda: paged_attention.paged_decode_attention(q, kc, vc, tables, lens, 0.088,
                                                                                        1000), args.calls)})
-        k = torch.randn(batch, 8, 128, dtype=torch.bfloat16)
-        slots = torch.arange(batch)
-        rows.append({"wrapper": "store_kv", "shape": f"{batch} tokens, 8 heads of 128",
-                     "us": per_call_us(lambda: kv_cache.store_kv(k, k, kc, vc, slots), args.calls)})
+        qkv = torch.randn(batch, 48 * 128, dtype=torch.bfloat16)
+        cos = torch.randn(4096, 128, dtype=torch.bfloat16)
+        positions, slots = torch.arange(batch), torch.arange(batch)
+        rows.append({"wrapper": "rope_store", "shape": f"{batch} tokens, 32/8 heads of 128",
+                     "us": per_call_us(lambda: fused.rope_store(qkv, cos, cos, positions, 32, 8, kc, vc, slots),
+                                       args.calls)})
+        h = torch.randn(batch, 4096, dtype=torch.bfloat16)
+        norm = torch.ones(4096, dtype=torch.bfloat16)
+        rows.append({"wrapper": "rms_norm (with the residual add)", "shape": f"{batch}x4096",
+                     "us": per_call_us(lambda: fused.rms_norm(h, norm, 1e-5, h), args.calls)})
+        gate_up = torch.randn(batch, 2 * 14336, dtype=torch.bfloat16)
+        rows.append({"wrapper": "silu_mul", "shape": f"{batch}x{2 * 14336}",
+                     "us": per_call_us(lambda: fused.silu_mul(gate_up), args.calls)})
 
     rows += prepare_rows(args.calls // 10)
 

@@ -1,5 +1,6 @@
 """Triton GPU kernels, installed as ``inferkit.kernels``: paged decode attention
-(``paged_attention``), the KV-cache write (``kv_cache``), the dequantizing matmul
+(``paged_attention``), the layer's element-wise steps with the KV-cache write (``fused``:
+RMSNorm with the residual add, RoPE with the K/V scatter, SiLU-and-multiply), the dequantizing matmul
 (``quant_matmul``) with its measured per-GPU tile tables (``tuned``, ``configs/``) and the
 sweep that measures them (``tune``, behind ``inferkit tune-kernels``), and an
 offline sm_90 compile-and-inspect tool (``sass``).

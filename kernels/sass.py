@@ -164,6 +164,38 @@ def paged_prefill_kernel(dtype: str = "bf16", group: int = 4, head_dim: int = 12
         num_stages=2, divisible=tuple(k for k in sig if k.startswith("stride_")))
 
 
+def fused_kernels(dtype: str = "bf16", hidden: int = 4096, heads: tuple[int, int] = (32, 8), head_dim: int = 128,
+                  inter: int = 14336) -> list[tuple[str, object]]:
+    """The layer's element-wise kernels as ``inferkit.kernels.fused`` launches them."""
+    import torch
+
+    from inferkit.kernels.fused import _consts, _rms_norm_kernel, _rope_store_kernel, _silu_mul_kernel
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+    p = f"*{dtype}"
+    norm_c = _consts("norm", torch_dtype, hidden)
+    rope_c = _consts("rope", torch_dtype, heads[0], heads[1], head_dim)
+    silu_c = _consts("silu", torch_dtype, inter)
+    sigs = [
+        ("rms_norm", _rms_norm_kernel, norm_c, {"h_ptr": p, "u_ptr": p, "w_ptr": p, "out_ptr": p, "H": "i32",
+                                                 "stride_h": "i32", "stride_u": "i32", "stride_o": "i32", "eps": "fp32"},
+         {"HAS_UPDATE": True}),
+        ("rope_store", _rope_store_kernel, rope_c, {"qkv_ptr": p, "cos_ptr": p, "sin_ptr": p, "pos_ptr": "*i64",
+                                                     "slots_ptr": "*i64", "q_ptr": p, "kc_ptr": p, "vc_ptr": p,
+                                                     **{f"stride_{n}": "i32" for n in ("t", "cos", "sin", "qt", "cslot")}},
+         {}),
+        ("silu_mul", _silu_mul_kernel, silu_c, {"x_ptr": p, "out_ptr": p, "I": "i32", "stride_x": "i32", "stride_o": "i32"},
+         {}),
+    ]
+    out = []
+    for name, fn, consts, sig, extra in sigs:
+        constexprs = {k: v for k, v in consts.items() if k not in ("num_warps", "enable_fp_fusion")}
+        out.append((name, compile_for(fn, sig, {**constexprs, **extra}, num_warps=consts["num_warps"],
+                                      divisible=tuple(k for k in sig if k.startswith("stride") or k in ("H", "I")))))
+    return out
+
+
 def report() -> list[dict]:
     """Every kernel as the launchers compile it for an H100: the benchmark's matmul shapes at
     1/8/32 rows (tiles as ``pick_config`` picks them), decode GEMVs with zero points and small
@@ -203,6 +235,12 @@ def report() -> list[dict]:
             rows.append({"kernel": name, "dtype": dtype, "heads": heads, "registers": c.registers,
                          "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all),
                          "loops": [dict(x) for x in c.loops]})
+    for dtype in ("bf16", "fp32"):
+        for shape, kw in (("Llama-3-8B", {}), ("SmolLM2-135M", dict(hidden=576, heads=(9, 3), head_dim=64, inter=1536))):
+            for name, kernel in fused_kernels(dtype, **kw):
+                c = inspect(kernel)
+                rows.append({"kernel": name, "dtype": dtype, "heads": shape, "registers": c.registers,
+                             "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all)})
     return rows
 
 

@@ -57,14 +57,10 @@ class KVCache:
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-              triton: bool = False) -> None:
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """K/V [T, KVH, D] of new tokens into their slots (the PyTorch path; with the Triton
+        attention backend the RoPE kernel writes them, ``inferkit.kernels.fused.rope_store``)."""
         kc, vc = self.k[layer], self.v[layer]
-        if triton:
-            from inferkit.kernels.kv_cache import store_kv
-
-            store_kv(k, v, kc, vc, slot_mapping)
-            return
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k)
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v)
 

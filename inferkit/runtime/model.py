@@ -96,6 +96,10 @@ class Layer:
 
 
 class RuntimeModel:
+    # With the Triton attention backend, the element-wise steps run as Triton kernels too
+    # (benchmarks/launches.py turns this off to count what the fusion saves)
+    fuse_elementwise = True
+
     def __init__(self, folder: Path, hf_config, spec: ModelSpec, formats: dict, dtype: torch.dtype,
                  device: torch.device, backend: str, max_len: int, head_ids: torch.Tensor | None = None) -> None:
         """``head_ids``: a draft's reduced vocabulary (target token ids, ascending); the output
@@ -139,7 +143,8 @@ class RuntimeModel:
         cos, sin = rope_tables(hf_config, max_len, spec.head_dim)
         half = spec.head_dim // 2
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        self.cos, self.sin = cos.to(device, dtype)[:, None, :], sin.to(device, dtype)[:, None, :]
+        self.cos2, self.sin2 = cos.to(device, dtype), sin.to(device, dtype)  # [max_len, D]: the fused RoPE's
+        self.cos, self.sin = self.cos2[:, None, :], self.sin2[:, None, :]  # [max_len, 1, D]: broadcast over heads
         self.scale = spec.head_dim ** -0.5
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
@@ -175,23 +180,50 @@ class RuntimeModel:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  cache: KVCache, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """With the Triton attention backend the element-wise steps are Triton kernels too
+        (``inferkit.kernels.fused``): each residual add rides with the RMSNorm after it, RoPE with
+        the KV-cache write, SiLU with the product; the same arithmetic in a third of the launches."""
         s = self.spec
+        fused = meta.triton and self.fuse_elementwise
+        if fused:
+            from inferkit.kernels import fused as fk
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
         h = self.embed_tokens(input_ids)  # a fresh tensor: the residual stream, updated in place
-        cos, sin = self.cos[positions], self.sin[positions]
+        update = None  # the last MLP's output, added to h by the next norm
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
-            qkv = layer.qkv(x).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
-            qk = apply_rope(qkv[:, : s.num_heads + s.num_kv_heads], cos, sin)  # q and k heads at once
-            q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
-            cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping, meta.triton)
+            x = self._add_norm(h, update, layer.input_norm, fused)
+            qkv = layer.qkv(x)
+            if fused:
+                q = fk.rope_store(qkv, self.cos2, self.sin2, positions, s.num_heads, s.num_kv_heads, cache.k[i],
+                                  cache.v[i], meta.slot_mapping)
+            else:
+                qkv = qkv.view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+                qk = apply_rope(qkv[:, : s.num_heads + s.num_kv_heads], cos, sin)  # q and k heads at once
+                q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
+                cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping)
             o = paged_attention(q, cache, i, meta, self.scale)
-            h.add_(layer.o(o.reshape(-1, self.q_size)))
-            x = rms_norm(h, layer.post_norm, s.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h.add_(layer.down(F.silu(gate) * up))
+            x = self._add_norm(h, layer.o(o.reshape(-1, self.q_size)), layer.post_norm, fused)
+            gate_up = layer.gate_up(x)
+            if fused:
+                update = layer.down(fk.silu_mul(gate_up))
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                update = layer.down(F.silu(gate) * up)
+        x = self._add_norm(h, update, self.norm, fused)
         if logit_rows is not None:
-            h = h[logit_rows]
-        return self.lm_head(rms_norm(h, self.norm, s.rms_norm_eps)).float()
+            x = x[logit_rows]
+        return self.lm_head(x).float()
+
+    def _add_norm(self, h: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, fused: bool) -> torch.Tensor:
+        """``h += update`` (in place; none before the first layer), then RMSNorm(h)."""
+        if fused:
+            from inferkit.kernels.fused import rms_norm as fused_rms_norm
+
+            return fused_rms_norm(h, weight, self.spec.rms_norm_eps, update)
+        if update is not None:
+            h.add_(update)
+        return rms_norm(h, weight, self.spec.rms_norm_eps)
 
 
 def read_formats(folder: Path) -> dict:

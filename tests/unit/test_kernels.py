@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from inferkit.kernels.kv_cache import reference_store_kv, store_kv  # noqa: E402
+from inferkit.kernels.fused import rms_norm, rope_store, silu_mul  # noqa: E402
 from inferkit.kernels.paged_attention import paged_decode_attention, reference_paged_decode  # noqa: E402
 from inferkit.kernels.quant_matmul import pick_config, quant_matmul, reference_quant_matmul  # noqa: E402
 from inferkit.quant.pack import pack_int32  # noqa: E402
@@ -60,18 +60,101 @@ def test_paged_decode_with_more_splits_than_tokens_and_odd_head_dim():
     assert rel_err(out, reference_paged_decode(q, kc, vc, tables, cl, 0.2)) < 1e-5
 
 
-def test_kv_store_scatters_and_skips_padding():
-    g = torch.Generator().manual_seed(1)
-    kc = torch.zeros(6, 4, 2, 24).to(DEVICE)
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def assert_rounding_apart(out, ref, dtype, share, ulps=1):
+    """At most ``share`` of the elements differ, each by at most ``ulps`` roundings of ``dtype``."""
+    out, ref = out.cpu(), ref.cpu()
+    diff = (out.double() - ref.double()).abs()
+    assert bool((diff <= ulps * ULP[dtype] * ref.double().abs() + 1e-30).all()), float(diff.max())
+    assert float((out != ref).double().mean()) <= share
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden", [64, 96, 576])
+@pytest.mark.parametrize("with_update", [False, True], ids=["norm", "add+norm"])
+def test_fused_rms_norm_is_the_reference_arithmetic(dtype, hidden, with_update):
+    """PyTorch's steps (transformers' RMSNorm, after the residual's in-place add): the residual
+    bit for bit, the norm up to the order of the sum of squares."""
+    from inferkit.runtime.model import rms_norm as torch_rms_norm
+
+    g = torch.Generator().manual_seed(hidden)
+    h = (torch.randn(5, hidden, generator=g) * 3).to(dtype).to(DEVICE)
+    update = torch.randn(5, hidden, generator=g).to(dtype).to(DEVICE) if with_update else None
+    weight = (1 + 0.2 * torch.randn(hidden, generator=g)).to(dtype).to(DEVICE)
+    h_ref = h.clone()
+    if with_update:
+        h_ref.add_(update)
+    ref = torch_rms_norm(h_ref, weight, 1e-5)
+    out = rms_norm(h, weight, 1e-5, update)
+    assert torch.equal(h, h_ref)  # the residual stream, updated in place
+    assert out.dtype == dtype and out.shape == (5, hidden)
+    if dtype == torch.float32:  # another rsqrt input by an ulp or two moves every element a little
+        assert_rounding_apart(out, ref, dtype, share=1.0, ulps=4)
+    else:  # ... and rarely crosses a rounding boundary of the 16-bit result
+        assert_rounding_apart(out, ref, dtype, share=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (8, 1)], ids=lambda h: f"gqa{h[0] // h[1]}")
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_fused_rope_store_rotates_and_scatters_like_the_reference(dtype, heads, head_dim):
+    """Rotated queries out, rotated keys and the values into their slots, bit for bit as the
+    reference's RoPE and index_copy; a slot of -1 (a graph's padding row) writes nothing."""
+    from inferkit.runtime.model import apply_rope
+
+    num_heads, num_kv = heads
+    g = torch.Generator().manual_seed(head_dim + num_heads)
+    tokens = 5
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv) * head_dim, generator=g).to(dtype)
+    cos = torch.randn(64, 1, head_dim, generator=g).to(dtype)
+    sin = torch.randn(64, 1, head_dim, generator=g).to(dtype)
+    positions = torch.tensor([3, 63, 0, 17, 40])
+    slots = torch.tensor([5, -1, 0, 30, 12])
+    kc = torch.zeros(5, 8, num_kv, head_dim, dtype=dtype, device=DEVICE)
     vc = torch.zeros_like(kc)
-    qkv = torch.randn(5, 8, 24, generator=g).to(DEVICE)  # k, v are strided views, as in the runtime
-    k, v = qkv[:, 4:6], qkv[:, 6:8]
-    slots = torch.tensor([3, 17, -1, 0, 22]).to(DEVICE)
-    store_kv(k, v, kc, vc, slots)
-    want_k, want_v = torch.zeros_like(kc), torch.zeros_like(vc)
-    reference_store_kv(k, v, want_k, want_v, slots)
-    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
-    assert int((kc != 0).any(-1).any(-1).sum()) == 4  # the -1 row wrote nothing
+    q = rope_store(*(t.to(DEVICE) for t in (qkv, cos, sin, positions)), num_heads, num_kv, kc, vc, slots.to(DEVICE))
+    # the reference: the runtime's PyTorch path
+    heads3 = qkv.view(tokens, num_heads + 2 * num_kv, head_dim)
+    qk = apply_rope(heads3[:, : num_heads + num_kv], cos[positions], sin[positions])
+    want_k, want_v = torch.zeros_like(kc.cpu()), torch.zeros_like(vc.cpu())
+    keep = slots >= 0
+    want_k.view(-1, num_kv, head_dim)[slots[keep]] = qk[keep, num_heads:]
+    want_v.view(-1, num_kv, head_dim)[slots[keep]] = heads3[keep, num_heads + num_kv:]
+    assert q.shape == (tokens, num_heads, head_dim) and q.is_contiguous()
+    assert torch.equal(q.cpu(), qk[:, :num_heads])
+    assert torch.equal(kc.cpu(), want_k) and torch.equal(vc.cpu(), want_v)
+    assert int((kc != 0).any(-1).any(-1).sum()) == 4  # four slots; the -1 row wrote nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inter", [96, 1500])
+def test_fused_silu_mul_is_the_reference_arithmetic(dtype, inter):
+    g = torch.Generator().manual_seed(inter)
+    gate_up = (torch.randn(3, 2 * inter, generator=g) * 4).to(dtype).to(DEVICE)
+    out = silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert out.shape == (3, inter) and out.dtype == dtype
+    if dtype == torch.float32:  # the exponential's last bits differ from PyTorch's
+        torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-6)
+    else:  # ... and rarely move a 16-bit rounding
+        assert_rounding_apart(out, ref, dtype, share=0.01)
+
+
+def test_fused_kernels_refuse_bad_shapes():
+    x = torch.zeros(2, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="rms_norm"):
+        rms_norm(x, torch.ones(9, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="update"):
+        rms_norm(x, torch.ones(10, device=DEVICE), 1e-5, torch.zeros(2, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="silu_mul"):
+        silu_mul(torch.zeros(2, 7, device=DEVICE))
+    kc = torch.zeros(2, 4, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="rope_store"):
+        rope_store(torch.zeros(2, 30, device=DEVICE), torch.ones(8, 1, 8), torch.ones(8, 1, 8), torch.zeros(2),
+                   2, 1, kc, kc.clone(), torch.zeros(2))
 
 
 def quant_case(M, N, K, bits, group_size, asym, dtype, seed=0):
@@ -330,12 +413,14 @@ def test_attention_split_counts_are_powers_of_two():
 PROMPTS = [[5, 17, 30, 2, 99], list(range(40, 75)), [300, 2, 3]]
 
 
-@pytest.mark.parametrize("model", ["dense", "w4"])
-def test_runtime_greedy_is_identical_with_the_triton_backends(tiny_llama, w4_mixed_artifact, model):
+@pytest.mark.parametrize("model", ["dense", "w4", "qwen2"])
+def test_runtime_greedy_is_identical_with_the_triton_backends(tiny_llama, w4_mixed_artifact, tiny_models, model):
+    """Triton attention, matmuls and element-wise kernels against the reference backends; qwen2
+    brings a bias on q/k/v into the fused RoPE."""
     from inferkit.runtime import LLM, SamplingParams
     from inferkit.runtime.linear import TritonQuantLinear
 
-    folder = tiny_llama if model == "dense" else w4_mixed_artifact
+    folder = {"dense": tiny_llama, "w4": w4_mixed_artifact, "qwen2": tiny_models["qwen2"]}[model]
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     ref = LLM(folder, device=DEVICE, linear_backend="reference", attention_backend="torch")
     tri = LLM(folder, device=DEVICE, linear_backend="triton", attention_backend="triton", block_size=8, cuda_graphs=False)

@@ -68,3 +68,12 @@ def test_paged_attention_compiles_without_spills(report):
                 sizes = sorted((sum(x.values()), x.get("FSEL", 0)) for x in r["loops"] if x.get("HGMMA", 0))
                 assert len(sizes) == 2 and sizes[0][1] <= 4 and sizes[1][1] >= 32, sizes
                 assert sizes[0][0] < 0.8 * sizes[1][0], sizes  # 608 vs 848 for 32/8 heads of 128
+
+
+def test_fused_elementwise_kernels_compile_without_spills(report):
+    fused = [r for r in report if r["kernel"] in ("rms_norm", "rope_store", "silu_mul")]
+    assert sorted((r["kernel"], r["dtype"], r["heads"]) for r in fused) == sorted(
+        (k, d, s) for k in ("rms_norm", "rope_store", "silu_mul") for d in ("bf16", "fp32")
+        for s in ("Llama-3-8B", "SmolLM2-135M"))
+    for r in fused:
+        assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
