@@ -371,29 +371,39 @@ def reset_configs() -> None:
 
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int = 4) -> dict:
     """Tile sizes and split-K for a problem: the heuristic (``config=`` overrides it; a measured
-    table for the GPU model takes precedence, see ``inferkit.kernels.tuned``).
+    table for the GPU model takes precedence, see ``inferkit.kernels.tuned``). Its choices follow
+    the H100 sweeps (``benchmarks/results/gpu_kernels_h100.json``, ``tune_demo_w4_h100.json``).
 
-    1-4 rows (the GEMV kernel): a tile spans one quantization group along K when groups are
+    1-2 rows (the GEMV kernel): a tile spans one quantization group along K when groups are
     64-512 inputs (one scale per row per tile), 256 inputs per channel, 128 otherwise. Each
-    thread loads 16-byte pieces of 4 words, so ``BK / 32`` threads share a row; BN gives every
-    thread 4 rows (the inputs it loads and converts serve 4 rows; 2 when there are several
-    activation rows, which need more registers). K is then split until there
-    are about four programs per SM, for enough loads in flight: a decode GEMV is bound by memory
-    once the unpacking is cheap (``python -m inferkit.kernels.sass`` shows the instruction mix).
-    More rows (the MMA kernel): BN 64/128, 16 words per dot; up to 32 rows, K split up to 4 ways
-    toward four programs per SM."""
+    thread loads 16-byte pieces of 4 words, so ``BK / 32`` threads share a row. At 1 row with
+    groups each thread takes 2 rows (8 warps from 128-input tiles, else 4): half the registers
+    of 4 rows per thread, so twice the loads in flight per SM, for about 1.3x the instructions
+    per weight (5.6 at g128 on sm_90). In the sweeps this was the fastest config or within 8%
+    of it in all 7 shapes (Llama-3-8B's at g128, the demo's at g64), and 1.06-1.35x faster than
+    4 rows per thread with 4 warps, which per-channel tiles and 2 activation rows keep (not
+    swept). K is then split until there are about four programs per SM, down to one tile
+    per split (every kernel; it was two): a decode GEMV is bound by memory once the unpacking is cheap (``python -m
+    inferkit.kernels.sass`` shows the instruction mix), and the demo's narrow layers were
+    fastest with 8-16 splits of one or two tiles each.
+    3 rows and more (the MMA kernel): BN 64/128, 16 words per dot; up to 32 rows, K split up to
+    4 ways toward four programs per SM. The GEMV pads 3 rows to 4, and at 4 rows the MMA kernel
+    was the faster in 6 of the 7 shapes measured, by up to 1.4x."""
     vals = 32 // bits
     sms = _sm_count(device)
     per_channel = group_size >= K
-    if M <= 4:
-        warps = 4
+    if M <= 2:
         bk = 256 if per_channel else group_size if 64 <= group_size <= 512 and group_size & (group_size - 1) == 0 else 128
         bk = min(bk, max(vals * 4, triton.next_power_of_2(K)))
         threads_per_row = max(1, bk // vals // 4)
-        rows_per_thread = 4 if M == 1 else 2  # each activation row adds an accumulator per weight
+        if per_channel or M > 1:  # not in the sweeps: as before them
+            rows_per_thread, warps = (4 if M == 1 else 2), 4
+        else:
+            rows_per_thread, warps = 2, 8 if bk >= 128 else 4
         bn = min(256, rows_per_thread * 32 * warps // threads_per_row)
         bn = max(16, min(bn, triton.next_power_of_2(N)))
         tiles, want = -(-N // bn), 4 * sms
+        cfg = {}
     else:
         warps = 4
         bn = 64 if M <= 32 else 128
@@ -403,10 +413,11 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
         # 32 rows, no split: mixed prefill/decode steps bring every row count, and each
         # (rows tile, split) pair is a separate compile
         tiles, want = -(-N // bn) * -(-M // (16 if M <= 16 else 32)), 4 * sms if M <= 32 else 0
-    split, most = 1, 16 if M <= 4 else 4
-    while tiles * split < want and split < most and K // (bk * split * 2) >= 2:
+        cfg = {"KERNEL": "mma"} if M <= 4 else {}
+    split, most = 1, 16 if M <= 2 else 4
+    while tiles * split < want and split < most and K // (bk * split * 2) >= 1:
         split *= 2
-    return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps}
+    return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps, **cfg}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -425,7 +436,12 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     if not per_channel and (group % vals or G != -(-K // group)):
         raise ValueError(f"group size {group}: must be a multiple of {vals} values per word, with {-(-K // group)} "
                          f"scales per row (got {G})")
-    cfg = {**dict(_picked(M, N, K, group, device, bits)), **dict(config or ())}
+    cfg = dict(_picked(M, N, K, group, device, bits))
+    if config:  # a config names its kernel or takes the default for M rows, not the heuristic's choice
+        override = dict(config)
+        if "KERNEL" not in override:
+            cfg.pop("KERNEL", None)
+        cfg.update(override)
     kernel = tuned.kernel_for(M, cfg)
     if kernel is None:
         raise ValueError(f"KERNEL {cfg['KERNEL']!r}: 'mma', or 'gemv' for up to 4 rows")

@@ -92,14 +92,15 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
     dozen to two dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
     warps, load variants and splits over a wider range; ``smoke``: one tiny config per kernel."""
+    from inferkit.kernels import tuned
     from inferkit.kernels.quant_matmul import pick_config
 
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     vals = 32 // bits
     picked = pick_config(M, N, K, group, device, bits)
-    picked["VEC_X" if M <= 4 else "ONE_DOT"] = True  # the kernels' defaults, spelled out
-    gemv_bk, mma_bk = picked["BK"], 16 * vals
+    picked["VEC_X" if tuned.kernel_for(M, picked) == "gemv" else "ONE_DOT"] = True  # the kernels' defaults, spelled out
+    gemv_bk, mma_bk = pick_config(1, N, K, group, device, bits)["BK"], 16 * vals  # the GEMV's tile: one group
     if grid == "smoke":
         kernels = ["gemv", "mma"] if M <= 4 else ["mma"]
         out = [dict(picked)]

@@ -348,18 +348,25 @@ def test_config_heuristic(monkeypatch):
     from inferkit.kernels import quant_matmul as qm
 
     monkeypatch.setitem(qm._SM_COUNT, cuda, 132)  # an H100
-    # decode: a tile is one group along K, 4 rows per thread, K split to ~4 programs per SM
-    assert pick_config(1, 14336, 4096, 128, cuda) == {"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 4}
-    assert pick_config(1, 4096, 14336, 128, cuda)["SPLIT_K"] == 16  # 32 tiles: 512 programs
-    assert pick_config(1, 576, 576, 64, cuda) == {"BN": 256, "BK": 64, "SPLIT_K": 4, "num_warps": 4}
-    assert pick_config(1, 4096, 4096, 4096, cuda)["BK"] == 256  # per channel
+    # decode: a tile is one group along K, 2 rows per thread (8 warps from 128-input tiles); K split
+    # to ~4 programs per SM, down to one tile per split. These are the H100 sweeps' fastest configs
+    # or within 8% of them (benchmarks/results/*_h100.json)
+    assert pick_config(1, 14336, 4096, 128, cuda) == {"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8}
+    assert pick_config(1, 4096, 14336, 128, cuda) == {"BN": 128, "BK": 128, "SPLIT_K": 16, "num_warps": 8}
+    assert pick_config(1, 960, 576, 64, cuda) == {"BN": 128, "BK": 64, "SPLIT_K": 8, "num_warps": 4}  # 9 tiles of K
+    assert pick_config(1, 576, 1536, 64, cuda) == {"BN": 128, "BK": 64, "SPLIT_K": 16, "num_warps": 4}
+    assert pick_config(1, 4096, 4096, 4096, cuda) == {"BN": 64, "BK": 256, "SPLIT_K": 16, "num_warps": 4}  # per channel
+    assert pick_config(2, 4096, 4096, 128, cuda) == {"BN": 64, "BK": 128, "SPLIT_K": 16, "num_warps": 4}
     assert pick_config(1, 128256, 2048, 128, cuda)["SPLIT_K"] == 1  # a vocabulary head fills the GPU alone
+    # 3-4 rows: the MMA kernel (the GEMV pads 3 rows to 4; at 4 rows the MMA kernel won 6 of 7 shapes)
+    assert pick_config(4, 4096, 4096, 128, cuda) == {"BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "KERNEL": "mma"}
+    assert pick_config(3, 960, 576, 64, cuda)["KERNEL"] == "mma"
     assert pick_config(256, 14336, 4096, 128, cuda)["SPLIT_K"] == 1  # 448 MMA tiles fill it
     # 5-32 rows: K split 4 ways where it has the length (the H100 sweep's fastest at 8 and 32 rows)
-    for M, N, K in ((8, 4096, 4096), (8, 14336, 4096), (32, 4096, 14336)):
+    for M, N, K in ((8, 4096, 4096), (8, 14336, 4096), (32, 4096, 14336), (16, 960, 576)):
         assert pick_config(M, N, K, 128, cuda)["SPLIT_K"] == 4
     assert pick_config(33, 4096, 14336, 128, cuda)["SPLIT_K"] == 1  # above 32 rows: no split
-    assert pick_config(8, 576, 576, 64, cuda)["SPLIT_K"] == 2  # 576 inputs: each split keeps 2 tiles of 128
+    assert pick_config(8, 256, 256, 64, cuda)["SPLIT_K"] == 2  # 256 inputs: two tiles of 128, one per split
     assert pick_config(8, 576, 576, 32, cuda, bits=4)["BK"] == 128  # 16 words per MMA step
     assert pick_config(8, 576, 576, 32, cuda, bits=8)["BK"] == 64
 
@@ -494,6 +501,21 @@ def test_the_mma_kernel_also_serves_up_to_four_rows(M):
         for cfg in ({"KERNEL": "mma", "BK": 128, "BN": 32}, {"KERNEL": "mma", "BK": 128, "BN": 32, "SPLIT_K": 2}):
             out = quant_matmul(x, w, s, z, 4, 64, config=cfg)
             assert rel_err(out, reference_quant_matmul(x, w, s, z, 4, 64)) < TOL[dtype], (dtype, cfg)
+
+
+@pytest.mark.parametrize("M", [3, 4])
+def test_three_and_four_rows_take_the_mma_kernel_unless_a_config_says_gemv(M):
+    """The heuristic picks the MMA kernel at 3-4 rows; a config (a table entry, the tuner's
+    candidate) without KERNEL means the default there, the GEMV, whatever the heuristic chose."""
+    from inferkit.kernels import quant_matmul as qm
+
+    x, w, s, z = quant_case(M, 40, 512, 4, 64, False, torch.bfloat16, seed=M)
+    plan = lambda config: qm._plan(M, 40, 512, 64, 8, 4, 64, x.dtype, x.device, False, False, config)  # noqa: E731
+    assert plan(None)[0] is qm._mma_kernel
+    gemv = (("BK", 64), ("BN", 32), ("SPLIT_K", 2), ("num_warps", 4))
+    assert plan(gemv)[0] is qm._gemv_kernel
+    out = quant_matmul(x, w, s, None, 4, 64, config=dict(gemv))
+    assert rel_err(out, reference_quant_matmul(x, w, s, None, 4, 64)) < TOL[torch.bfloat16]
 
 
 def test_quant_matmul_refuses_bad_arguments_with_the_reason():

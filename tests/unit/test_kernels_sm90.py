@@ -36,9 +36,11 @@ def test_decode_gemv_compiles_lean(report):
         assert loop.get("FFMA", 0) >= r["weights_per_thread"]  # >= one multiply-add per weight: the real loop
         rows = triton.next_power_of_2(r["M"])
         # 1 AND + 1 multiply-add per value, 1 FMA per row; loads, scales, inputs and row sums on
-        # top. One row: 4.2 (g128) to 5.2 (g64 with zero points) with Triton 3.9, 4.8 (g128) with
-        # 3.6; the kernel before this one: 5.6, of which 1.0 quarter-rate int-to-float conversions
-        assert r["loop_per_weight"] / rows < (5.5 if rows == 1 else 4.5), r
+        # top, shared by the rows a thread takes. One activation row, 2 rows per thread (the
+        # heuristic's since the H100 sweeps): 5.6 (g128) to 5.9 (g64 with zero points) with Triton
+        # 3.9, 5.6 to 6.1 with 3.6; 4 rows per thread took 4.2-5.2 with twice the registers. The
+        # first kernel: 5.6, of which 1.0 quarter-rate int-to-float conversions
+        assert r["loop_per_weight"] / rows < (6.5 if rows == 1 else 4.5), r
 
 
 def test_mma_kernels_compile_with_tensor_cores_and_no_spills_in_the_loop(report):
