@@ -24,7 +24,7 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; add tune for part 4
+PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; add tune, profile for 4, 5
 # 1. Tests: every kernel against its reference (compiled, not interpreted), the runtime on CUDA.
 if [[ $PARTS == *tests* ]]; then
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"
@@ -55,4 +55,19 @@ if [[ $PARTS == *tune* ]]; then
   timeout 150 python -m inferkit tune-kernels /tmp/ik-gpu/w4 -o "$OUT/tuned-demo-w4.json" --grid quick --rows 1,4,16 \
     --overwrite --json "$OUT/tune-demo-w4-sweep.json" 2>&1 | tail -25  # no log file: the device returns 8 files
   echo "[tune done at ${SECONDS}s]"
+fi
+# 5. (Only when GPU_PARTS names it.) Nsight Compute on the INT4 decode GEMV at 4096x14336: memory
+#    throughput, occupancy and warp stalls, the heuristic's tiles, then the 4-rows-per-thread ones.
+if [[ $PARTS == *profile* ]]; then
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  if [ -z "$ncu" ]; then
+    echo "profile: no ncu on this machine"
+  else
+    for cfg in "" '{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 4}'; do
+      timeout 90 "$ncu" --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+        -k regex:gemv --launch-skip 3 --launch-count 1 python benchmarks/gpu_int4_profile.py ${cfg:+--config "$cfg"} 2>&1 \
+        | grep -vE "^==PROF==|^\s*$" | tee -a "$OUT/ncu_int4.txt" | grep -E "config|Duration|Memory Throughput|DRAM Through|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued"
+    done
+  fi
+  echo "[profile done at ${SECONDS}s]"
 fi
