@@ -56,8 +56,10 @@ def _consts(kind: str, dtype: torch.dtype, *sizes: int) -> dict:
         return dict(BLOCK=block, BY_HAND=by_hand, num_warps=min(16, max(1, block // 256)))
     if kind == "rope":
         num_heads, num_kv, head_dim = sizes
+        # 8 heads of 128 per program at most (register use does not grow with the model's heads)
+        per_program = max(1, min(_pow2(num_heads + 2 * num_kv), 1024 // _pow2(head_dim)))
         return dict(NUM_HEADS=num_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
-                    QK_PAD=_pow2(num_heads + num_kv), KV_PAD=_pow2(num_kv), BY_HAND=by_hand, num_warps=4,
+                    HEADS_PER_PROGRAM=per_program, BY_HAND=by_hand, num_warps=4,
                     enable_fp_fusion=False)  # no multiply-add contraction: float32 rounds each product, as PyTorch
     return dict(BLOCK=min(1024, _pow2(sizes[0])), BY_HAND=by_hand, num_warps=4)
 
@@ -102,35 +104,38 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, update: torch.Te
 def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slots_ptr, q_ptr, kc_ptr, vc_ptr,
                        stride_t, stride_cos, stride_sin, stride_qt, stride_cslot,
                        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       D_PAD: tl.constexpr, QK_PAD: tl.constexpr, KV_PAD: tl.constexpr, BY_HAND: tl.constexpr):
+                       D_PAD: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, BY_HAND: tl.constexpr):
+    """Token ``program_id(0)``, heads ``HEADS_PER_PROGRAM * program_id(1) + ...`` of the QKV row
+    (query heads, then key heads, then value heads): queries rotated to q, keys rotated and the
+    values as they are to the caches."""
     t = tl.program_id(0).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, D_PAD)
     d_mask = d < HEAD_DIM
+    heads = tl.program_id(1) * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
+    mask = (heads < NUM_HEADS + 2 * NUM_KV)[:, None] & d_mask[None, :]
+    row = qkv_ptr + t * stride_t + heads[:, None] * HEAD_DIM
+    x = tl.load(row + d[None, :], mask=mask, other=0.0)
+    rotate = (heads < NUM_HEADS + NUM_KV)[:, None]
     pos = tl.load(pos_ptr + t).to(tl.int64)
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_sin + d, mask=d_mask, other=0.0).to(tl.float32)  # first half negated
-    heads = tl.arange(0, QK_PAD)  # the query heads, then the key heads
-    mask = (heads < NUM_HEADS + NUM_KV)[:, None] & d_mask[None, :]
-    row = qkv_ptr + t * stride_t + heads[:, None] * HEAD_DIM
-    x = tl.load(row + d[None, :], mask=mask, other=0.0)
-    swapped = tl.load(row + tl.where(d < half, d + half, d - half)[None, :], mask=mask, other=0.0)
+    swapped = tl.load(row + tl.where(d < half, d + half, d - half)[None, :], mask=mask & rotate, other=0.0)
     # x * cos + rotate_half(x) * sin, each product and the sum rounded to the activation dtype
     a = _round(x.to(tl.float32) * c[None, :], dtype, BY_HAND)
     b = _round(swapped.to(tl.float32) * s[None, :], dtype, BY_HAND)
-    out = _round(a.to(tl.float32) + b.to(tl.float32), dtype, BY_HAND)
-    is_q = heads < NUM_HEADS
-    tl.store(q_ptr + t * stride_qt + heads[:, None] * HEAD_DIM + d[None, :], out, mask=mask & is_q[:, None])
+    out = tl.where(rotate, _round(a.to(tl.float32) + b.to(tl.float32), dtype, BY_HAND), x)
+    is_q = (heads < NUM_HEADS)[:, None]
+    tl.store(q_ptr + t * stride_qt + heads[:, None] * HEAD_DIM + d[None, :], out, mask=mask & is_q)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot >= 0:  # padding rows of a CUDA-graph batch carry slot -1: no write
-        dst = slot * stride_cslot + (heads - NUM_HEADS)[:, None] * HEAD_DIM + d[None, :]
-        tl.store(kc_ptr + dst, out, mask=mask & (heads >= NUM_HEADS)[:, None])
-        vh = tl.arange(0, KV_PAD)
-        v_mask = (vh < NUM_KV)[:, None] & d_mask[None, :]
-        v = tl.load(qkv_ptr + t * stride_t + (NUM_HEADS + NUM_KV + vh)[:, None] * HEAD_DIM + d[None, :],
-                    mask=v_mask, other=0.0)
-        tl.store(vc_ptr + slot * stride_cslot + vh[:, None] * HEAD_DIM + d[None, :], v, mask=v_mask)
+        v_head = heads >= NUM_HEADS + NUM_KV
+        kv_head = tl.where(v_head, heads - NUM_HEADS - NUM_KV, heads - NUM_HEADS)
+        dst = slot * stride_cslot + kv_head[:, None] * HEAD_DIM + d[None, :]
+        is_v = v_head[:, None]
+        tl.store(kc_ptr + dst, out, mask=mask & rotate & ~is_q)
+        tl.store(vc_ptr + dst, out, mask=mask & is_v)
 
 
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
@@ -153,9 +158,11 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, p
     q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if tokens == 0:
         return q
-    _rope_store_kernel[(tokens,)](
+    consts = _consts("rope", qkv.dtype, num_heads, num_kv_heads, head_dim)
+    blocks = -(-(num_heads + 2 * num_kv_heads) // consts["HEADS_PER_PROGRAM"])
+    _rope_store_kernel[(tokens, blocks)](
         qkv, cos2, sin2, positions, slot_mapping, q, k_cache, v_cache, qkv.stride(0), cos2.stride(0),
-        sin2.stride(0), q.stride(0), num_kv_heads * head_dim, **_consts("rope", qkv.dtype, num_heads, num_kv_heads, head_dim))
+        sin2.stride(0), q.stride(0), num_kv_heads * head_dim, **consts)
     return q
 
 

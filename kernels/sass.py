@@ -238,7 +238,8 @@ def report() -> list[dict]:
                          "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all),
                          "loops": [dict(x) for x in c.loops]})
     for dtype in ("bf16", "fp32"):
-        for shape, kw in (("Llama-3-8B", {}), ("SmolLM2-135M", dict(hidden=576, heads=(9, 3), head_dim=64, inter=1536))):
+        for shape, kw in (("Llama-3-8B", {}), ("SmolLM2-135M", dict(hidden=576, heads=(9, 3), head_dim=64, inter=1536)),
+                          ("Llama-3-70B", dict(hidden=8192, heads=(64, 8), inter=28672))):
             for name, kernel in fused_kernels(dtype, **kw):
                 c = inspect(kernel)
                 rows.append({"kernel": name, "dtype": dtype, "heads": shape, "registers": c.registers,

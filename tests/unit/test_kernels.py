@@ -98,10 +98,11 @@ def test_fused_rms_norm_is_the_reference_arithmetic(dtype, hidden, with_update):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (8, 1)], ids=lambda h: f"gqa{h[0] // h[1]}")
-@pytest.mark.parametrize("head_dim", [16, 24])
+@pytest.mark.parametrize("head_dim", [16, 24, 128])
 def test_fused_rope_store_rotates_and_scatters_like_the_reference(dtype, heads, head_dim):
     """Rotated queries out, rotated keys and the values into their slots, bit for bit as the
-    reference's RoPE and index_copy; a slot of -1 (a graph's padding row) writes nothing."""
+    reference's RoPE and index_copy; a slot of -1 (a graph's padding row) writes nothing. At
+    head size 128 a program takes 8 heads, so query, key and value heads share programs."""
     from inferkit.runtime.model import apply_rope
 
     num_heads, num_kv = heads

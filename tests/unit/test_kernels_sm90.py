@@ -76,6 +76,6 @@ def test_fused_elementwise_kernels_compile_without_spills(report):
     fused = [r for r in report if r["kernel"] in ("rms_norm", "rope_store", "silu_mul")]
     assert sorted((r["kernel"], r["dtype"], r["heads"]) for r in fused) == sorted(
         (k, d, s) for k in ("rms_norm", "rope_store", "silu_mul") for d in ("bf16", "fp32")
-        for s in ("Llama-3-8B", "SmolLM2-135M"))
-    for r in fused:
-        assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
+        for s in ("Llama-3-8B", "SmolLM2-135M", "Llama-3-70B"))
+    for r in fused:  # RoPE takes 8 heads per program: its registers do not grow with the model's heads
+        assert r["spill_bytes"] == 0 and r["registers"] <= (64 if r["kernel"] == "rope_store" else 128), r
