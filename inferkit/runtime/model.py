@@ -74,6 +74,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def add_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, update: torch.Tensor | None = None) -> torch.Tensor:
+    """``h += update`` in place (none before the first layer), then RMSNorm(h): the PyTorch
+    counterpart of ``inferkit.kernels.fused.rms_norm``."""
+    if update is not None:
+        h.add_(update)
+    return rms_norm(h, weight, eps)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D]; cos, sin_signed [T, 1, D] (sin with its first half negated).
 
@@ -187,12 +195,15 @@ class RuntimeModel:
         fused = meta.triton and self.fuse_elementwise
         if fused:
             from inferkit.kernels import fused as fk
+
+            add_norm = fk.rms_norm  # (h, weight, eps, update)
         else:
             cos, sin = self.cos[positions], self.sin[positions]
+            add_norm = add_rms_norm
         h = self.embed_tokens(input_ids)  # a fresh tensor: the residual stream, updated in place
         update = None  # the last MLP's output, added to h by the next norm
         for i, layer in enumerate(self.layers):
-            x = self._add_norm(h, update, layer.input_norm, fused)
+            x = add_norm(h, layer.input_norm, s.rms_norm_eps, update)
             qkv = layer.qkv(x)
             if fused:
                 q = fk.rope_store(qkv, self.cos2, self.sin2, positions, s.num_heads, s.num_kv_heads, cache.k[i],
@@ -203,27 +214,17 @@ class RuntimeModel:
                 q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
                 cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping)
             o = paged_attention(q, cache, i, meta, self.scale)
-            x = self._add_norm(h, layer.o(o.reshape(-1, self.q_size)), layer.post_norm, fused)
+            x = add_norm(h, layer.post_norm, s.rms_norm_eps, layer.o(o.reshape(-1, self.q_size)))
             gate_up = layer.gate_up(x)
             if fused:
                 update = layer.down(fk.silu_mul(gate_up))
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 update = layer.down(F.silu(gate) * up)
-        x = self._add_norm(h, update, self.norm, fused)
+        x = add_norm(h, self.norm, s.rms_norm_eps, update)
         if logit_rows is not None:
             x = x[logit_rows]
         return self.lm_head(x).float()
-
-    def _add_norm(self, h: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, fused: bool) -> torch.Tensor:
-        """``h += update`` (in place; none before the first layer), then RMSNorm(h)."""
-        if fused:
-            from inferkit.kernels.fused import rms_norm as fused_rms_norm
-
-            return fused_rms_norm(h, weight, self.spec.rms_norm_eps, update)
-        if update is not None:
-            h.add_(update)
-        return rms_norm(h, weight, self.spec.rms_norm_eps)
 
 
 def read_formats(folder: Path) -> dict:
