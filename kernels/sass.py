@@ -172,7 +172,6 @@ def fused_kernels(dtype: str = "bf16", hidden: int = 4096, heads: tuple[int, int
     from inferkit.kernels.fused import _consts, _rms_norm_kernel, _rope_store_kernel, _silu_mul_kernel
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-
     p = f"*{dtype}"
     norm_c = _consts("norm", torch_dtype, hidden)
     rope_c = _consts("rope", torch_dtype, heads[0], heads[1], head_dim)
