@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 # Operators that only make views, or metadata, on a GPU: no kernel
 NO_KERNEL = {"view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "unsqueeze", "squeeze", "split",
              "chunk", "alias", "as_strided", "detach", "permute", "reshape", "split_with_sizes", "unbind",
-             "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "_to_copy_noop", "unflatten",
+             "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "unflatten",
              "flatten", "narrow"}
 
 SHAPE = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=16, num_attention_heads=8,

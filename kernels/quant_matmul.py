@@ -369,6 +369,14 @@ def reset_configs() -> None:
     tuned.clear_cache()
 
 
+def gemv_tile_k(K: int, group_size: int, bits: int = 4) -> int:
+    """Inputs per GEMV tile: one quantization group of 64-512 (one scale per row per tile), 256
+    per channel, else 128; at most K rounded up to a power of two (and at least 4 words)."""
+    per_channel = group_size >= K
+    bk = 256 if per_channel else group_size if 64 <= group_size <= 512 and group_size & (group_size - 1) == 0 else 128
+    return min(bk, max(32 // bits * 4, triton.next_power_of_2(K)))
+
+
 def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, bits: int = 4) -> dict:
     """Tile sizes and split-K for a problem: the heuristic (``config=`` overrides it; a measured
     table for the GPU model takes precedence, see ``inferkit.kernels.tuned``). Its choices follow
@@ -382,10 +390,10 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     per weight (5.6 at g128 on sm_90). In the sweeps this was the fastest config or within 8%
     of it in all 7 shapes (Llama-3-8B's at g128, the demo's at g64), and 1.06-1.35x faster than
     4 rows per thread with 4 warps, which per-channel tiles and 2 activation rows keep (not
-    swept). K is then split until there are about four programs per SM, down to one tile
-    per split (every kernel; it was two): a decode GEMV is bound by memory once the unpacking is cheap (``python -m
-    inferkit.kernels.sass`` shows the instruction mix), and the demo's narrow layers were
-    fastest with 8-16 splits of one or two tiles each.
+    swept). K is then split until there are about four programs per SM, down to one tile per
+    split (for every kernel; it was two): a decode GEMV is bound by memory once the unpacking is
+    cheap (``python -m inferkit.kernels.sass`` shows the instruction mix), and the demo's narrow
+    layers were fastest with 8-16 splits of one or two tiles each.
     3 rows and more (the MMA kernel): BN 64/128, 16 words per dot; up to 32 rows, K split up to
     4 ways toward four programs per SM. The GEMV pads 3 rows to 4, and at 4 rows the MMA kernel
     was the faster in 6 of the 7 shapes measured, by up to 1.4x."""
@@ -393,8 +401,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     sms = _sm_count(device)
     per_channel = group_size >= K
     if M <= 2:
-        bk = 256 if per_channel else group_size if 64 <= group_size <= 512 and group_size & (group_size - 1) == 0 else 128
-        bk = min(bk, max(vals * 4, triton.next_power_of_2(K)))
+        bk = gemv_tile_k(K, group_size, bits)
         threads_per_row = max(1, bk // vals // 4)
         if per_channel or M > 1:  # not in the sweeps: as before them
             rows_per_thread, warps = (4 if M == 1 else 2), 4

@@ -93,14 +93,14 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     dozen to two dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
     warps, load variants and splits over a wider range; ``smoke``: one tiny config per kernel."""
     from inferkit.kernels import tuned
-    from inferkit.kernels.quant_matmul import pick_config
+    from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config
 
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     vals = 32 // bits
     picked = pick_config(M, N, K, group, device, bits)
     picked["VEC_X" if tuned.kernel_for(M, picked) == "gemv" else "ONE_DOT"] = True  # the kernels' defaults, spelled out
-    gemv_bk, mma_bk = pick_config(1, N, K, group, device, bits)["BK"], 16 * vals  # the GEMV's tile: one group
+    gemv_bk, mma_bk = gemv_tile_k(K, group, bits), 16 * vals
     if grid == "smoke":
         kernels = ["gemv", "mma"] if M <= 4 else ["mma"]
         out = [dict(picked)]
