@@ -12,8 +12,8 @@ int-to-float conversion (``_field``), and meets the inputs ``VALS * w + j`` (a s
 visit K in any order). Nothing is written but the output (and split-K partials).
 
 - ``gemv``: 1-4 rows (decode). Each program owns BN output channels; multiply-and-sum on the
-  CUDA cores (a 16-row MMA tile would be mostly padding); zero points enter once per row and
-  group through the sum of the group's inputs.
+  CUDA cores (a 16-row MMA tile would be mostly padding), each thread into its own accumulator
+  (summed across threads once, at the end); zero points enter the field constants.
 - ``mma``: more rows: the tile's values dequantized to the activation dtype and joined back
   into the inputs' order for one ``tl.dot`` per tile (``ONE_DOT``; or one dot per value position).
 
@@ -42,12 +42,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                 VALS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr):
-    """Scale and zero point of every word of the tile: [BN, 1] when the tile lies in one group,
-    else gathered per word [BN, BKW] (a word's VALS inputs always share a group)."""
+    """Scale and zero point of every word of the tile: [BN, 1] and [BN] when the tile lies in one
+    group (the scale loaded as a column, which keeps it in the tile's layout), else gathered per
+    word [BN, BKW] (a word's VALS inputs always share a group)."""
     if ONE_GROUP:
         g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
-        z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)[:, None] if HAS_ZP else 0.0
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=n_mask[:, None], other=0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32) if HAS_ZP else 0.0
     else:
         g = (offs_kw * VALS) // GROUP
         m = n_mask[:, None] & kw_mask[None, :]
@@ -65,12 +66,18 @@ def _k_range(K, pid_k, SPLIT_K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS: tl.constexpr, BKW: tl.constexpr):
-    """The packed words [BN, BKW] holding inputs k0..k0+BKW*VALS, coalesced along K."""
+def _load_words(w_ptr, offs_n, mask, k0, KW, stride_wn, VALS: tl.constexpr, BKW: tl.constexpr,
+                EVEN_K: tl.constexpr = False):
+    """The packed words [BN, BKW] holding inputs k0..k0+BKW*VALS, coalesced along K; ``mask`` [BN]
+    (rows, or the whole tile). EVEN_K: no fill value, what is masked off is never used (the GEMV);
+    else the words past K are zero."""
     offs_kw = k0 // VALS + tl.arange(0, BKW)
     kw_mask = offs_kw < KW
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :],
-                    mask=n_mask[:, None] & kw_mask[None, :], other=0)
+    ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :]
+    if EVEN_K:
+        words = tl.load(ptrs, mask=mask[:, None])
+    else:
+        words = tl.load(ptrs, mask=mask[:, None] & kw_mask[None, :], other=0)
     return offs_kw, kw_mask, words
 
 
@@ -106,17 +113,38 @@ def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask,
 
 
 @triton.jit
-def _field(src, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr):
-    """Value ``j`` of each word as the float ``q - offset``, without an int-to-float conversion
+def _field(src, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, MASK: tl.constexpr, c):
+    """Value ``j`` of each word as the float ``v - off``, without an int-to-float conversion
     (a quarter-rate instruction). ``src`` is the word ORed with the exponent bits of 2**23
     (``0x4B000000``; for the upper half of the values, the word shifted down 16 bits first):
     ANDing it with the field's mask plus those bits gives 2**23 + v * 2**sh (``sh = BITS * (j %
     HALF)``, the field's position) in one instruction with one constant, and one multiply-add by
-    ``2**-sh`` and ``-(2**(23 - sh) + offset)`` leaves ``v - offset`` exactly."""
+    ``2**-sh`` and ``c = -(2**(23 - sh) + off)`` (``_negated_offsets``) leaves ``v - off``,
+    exactly while ``off`` is an integer."""
     bits = (src & ((MASK << (BITS * (j % HALF))) | 0x4B000000)).to(tl.float32, bitcast=True)
     if j % HALF == 0:
-        return bits - (8388608.0 + OFF)
-    return tl.fma(bits, 1.0 / (1 << (BITS * (j % HALF))), -((1 << (23 - BITS * (j % HALF))) + OFF))
+        return bits + c
+    return tl.fma(bits, 1.0 / (1 << (BITS * (j % HALF))), c)
+
+
+@triton.jit
+def _negated_offsets(off, BITS: tl.constexpr):
+    """``-(2**(23 - sh) + off)`` for each field position ``sh`` of a half word (see _field).
+    ``off``: the code offset 2**(BITS-1) (a constant), or it plus the zero points (a tensor;
+    integers, as compressed-tensors stores them, so every sum is exact)."""
+    if BITS == 4:
+        return -(8388608.0 + off), -(524288.0 + off), -(32768.0 + off), -(2048.0 + off)
+    else:
+        return -(8388608.0 + off), -(32768.0 + off)
+
+
+@triton.jit
+def _per_row(cs, BITS: tl.constexpr):
+    """[BN] offsets as [BN, 1] columns."""
+    if BITS == 4:
+        return cs[0][:, None], cs[1][:, None], cs[2][:, None], cs[3][:, None]
+    else:
+        return cs[0][:, None], cs[1][:, None]
 
 
 @triton.jit
@@ -127,7 +155,8 @@ def _exponent_words(words):
 
 @triton.jit
 def _columns(xv, VALS: tl.constexpr):
-    """The VALS columns of [R, VALS] as a tuple of [R] vectors (register splits, no shuffles)."""
+    """The VALS (2, 4 or 8) columns of [R, VALS] as a tuple of [R] vectors (register splits, no
+    shuffles)."""
     if VALS == 8:
         a, b = tl.split(tl.reshape(xv, [xv.shape[0], 4, 2]))  # even / odd columns
         a0, a1 = tl.split(tl.reshape(a, [xv.shape[0], 2, 2]))  # 0, 4 / 2, 6
@@ -137,18 +166,28 @@ def _columns(xv, VALS: tl.constexpr):
         c1, c5 = tl.split(b0)
         c3, c7 = tl.split(b1)
         return c0, c1, c2, c3, c4, c5, c6, c7
-    else:
+    elif VALS == 4:
         a, b = tl.split(tl.reshape(xv, [xv.shape[0], 2, 2]))  # 0, 2 / 1, 3
         c0, c2 = tl.split(a)
         c1, c3 = tl.split(b)
         return c0, c1, c2, c3
+    else:
+        c0, c1 = tl.split(xv)
+        return c0, c1
+
+
+@triton.jit
+def _bf16_pair(p):
+    """The two bf16 of an int32 word as float32: a bf16 is the upper half of its float32, so each
+    is one shift or one AND (a bf16 load and convert takes two for the upper one)."""
+    return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _dequant(src, j: tl.constexpr, z, s, BITS: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr,
              IEEE: tl.constexpr, dtype: tl.constexpr):
     """Value ``j`` of each word dequantized, in float32 (IEEE) or the activations' dtype."""
-    w = (_field(src, j, BITS, 16 // BITS, MASK, OFF) - z) * s
+    w = (_field(src, j, BITS, 16 // BITS, MASK, _negated_offsets(OFF, BITS)[j % (16 // BITS)]) - z) * s
     return w if IEEE else w.to(dtype)
 
 
@@ -178,17 +217,17 @@ def _dequant_tile(lo, hi, z, s, BITS: tl.constexpr, MASK: tl.constexpr, OFF: tl.
 
 
 @triton.jit
-def _strided_columns(x_row, mask, VALS: tl.constexpr):
+def _strided_columns(x_row, mask, VALS: tl.constexpr, EVEN_K: tl.constexpr):
     """Inputs ``VALS * w + j`` for each value position j, one strided load each, in float32."""
-    c0 = tl.load(x_row, mask=mask, other=0).to(tl.float32)
-    c1 = tl.load(x_row + 1, mask=mask, other=0).to(tl.float32)
-    c2 = tl.load(x_row + 2, mask=mask, other=0).to(tl.float32)
-    c3 = tl.load(x_row + 3, mask=mask, other=0).to(tl.float32)
+    c0 = tl.load(x_row, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+    c1 = tl.load(x_row + 1, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+    c2 = tl.load(x_row + 2, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+    c3 = tl.load(x_row + 3, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
     if VALS == 8:
-        c4 = tl.load(x_row + 4, mask=mask, other=0).to(tl.float32)
-        c5 = tl.load(x_row + 5, mask=mask, other=0).to(tl.float32)
-        c6 = tl.load(x_row + 6, mask=mask, other=0).to(tl.float32)
-        c7 = tl.load(x_row + 7, mask=mask, other=0).to(tl.float32)
+        c4 = tl.load(x_row + 4, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+        c5 = tl.load(x_row + 5, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+        c6 = tl.load(x_row + 6, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+        c7 = tl.load(x_row + 7, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
         return c0, c1, c2, c3, c4, c5, c6, c7
     else:
         return c0, c1, c2, c3
@@ -203,21 +242,80 @@ def _sum_columns(xs, VALS: tl.constexpr):
 
 
 @triton.jit
+def _x_columns(x_row, offs_kw, kw_mask, VALS: tl.constexpr, EVEN_K: tl.constexpr, VEC_X: tl.constexpr):
+    """The inputs ``VALS * w + j`` of the tile's words, one [BKW] float32 vector per value position
+    j. VEC_X: 16-byte loads split into value positions in registers (bf16 read as int32 pairs, see
+    _bf16_pair); else one strided load per position."""
+    if not VEC_X:
+        return _strided_columns(x_row + offs_kw * VALS, kw_mask, VALS, EVEN_K)
+    elif x_row.dtype.element_ty == tl.bfloat16:
+        PAIRS: tl.constexpr = VALS // 2
+        ptrs = x_row.to(tl.pointer_type(tl.int32)) + offs_kw[:, None] * PAIRS + tl.arange(0, PAIRS)[None, :]
+        if EVEN_K:
+            xp = tl.load(ptrs)
+        else:
+            xp = tl.load(ptrs, mask=kw_mask[:, None], other=0)
+        if VALS == 8:
+            p0, p1, p2, p3 = _columns(xp, 4)
+            c0, c1 = _bf16_pair(p0)
+            c2, c3 = _bf16_pair(p1)
+            c4, c5 = _bf16_pair(p2)
+            c6, c7 = _bf16_pair(p3)
+            return c0, c1, c2, c3, c4, c5, c6, c7
+        else:
+            p0, p1 = _columns(xp, 2)
+            c0, c1 = _bf16_pair(p0)
+            c2, c3 = _bf16_pair(p1)
+            return c0, c1, c2, c3
+    else:
+        ptrs = x_row + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :]
+        if EVEN_K:
+            xv = tl.load(ptrs).to(tl.float32)
+        else:
+            xv = tl.load(ptrs, mask=kw_mask[:, None], other=0).to(tl.float32)
+        return _columns(xv, VALS)
+
+
+@triton.jit
+def _row_update(acc, lo, hi, x_row, offs_kw, kw_mask, s, cs, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                EVEN_K: tl.constexpr, VEC_X: tl.constexpr):
+    """One activation row against the tile's words: value j of every word meets input
+    ``VALS * w + j`` (one AND and one multiply-add make it the float ``q - off``, ``_field``; one
+    FMA uses it), and the [BN, BKW] products go into the row's accumulator of the same shape,
+    each thread its own: no reduction across threads and no barrier until the end. ``cs``: the
+    field constants (``_negated_offsets``), with the zero points where there are. Per channel
+    the FMA chain runs on in the accumulator (the scales come at the end); with groups the tile's
+    products are scaled in."""
+    VALS: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = VALS // 2
+    MASK: tl.constexpr = (1 << BITS) - 1
+    xs = _x_columns(x_row, offs_kw, kw_mask, VALS, EVEN_K, VEC_X)
+    if PER_CHANNEL:
+        t = tl.fma(_field(lo, 0, BITS, HALF, MASK, cs[0]), xs[0][None, :], acc)
+    else:
+        t = _field(lo, 0, BITS, HALF, MASK, cs[0]) * xs[0][None, :]
+    for j in tl.static_range(1, VALS):
+        t = tl.fma(_field(lo if j < HALF else hi, j, BITS, HALF, MASK, cs[j % HALF]), xs[j][None, :], t)
+    if PER_CHANNEL:
+        return t
+    else:
+        return tl.fma(t, s, acc)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr):
-    """Works on the packed words in place: value j of every word meets input ``VALS*w + j``, so
-    no unpacked tile is ever laid out. Per value: one AND and one multiply-add make it a float
-    (``_field``), one FMA per activation row uses it. The inputs of a tile arrive as 16-byte
-    vectors split into their value positions in registers (VEC_X; the compiler may route the
-    split through shared memory) or as one strided load per value position; the next tile's
-    words are loaded before this one is used (software pipelining by hand)."""
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """Works on the packed words in place (``_row_update``), for 1-4 activation rows (BM; rows past
+    M repeat row M - 1 and are not stored). The next tile's words are loaded before this one is
+    used (software pipelining by hand), under a predicate and with no fill value: rows past N and
+    the prefetch after a split's last tile load nothing and are never stored. EVEN_K (K a multiple
+    of BK): the inputs load without masks."""
     VALS: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = VALS // 2
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
-    MASK: tl.constexpr = (1 << BITS) - 1
     ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BK <= GROUP and GROUP % BK == 0
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -226,45 +324,49 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     offs_m = tl.arange(0, BM)
     m_mask = offs_m < M
     k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
-    acc = tl.zeros([BM, BN], tl.float32)
-    z_ch = 0.0
+    acc0 = tl.zeros([BN, BKW], tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    cs_ch = _negated_offsets(OFF, BITS)
     if PER_CHANNEL and HAS_ZP:
-        z_ch = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)
-    # Software pipelining by hand: the next tile's words are in flight while this one is used.
-    offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k_lo, KW, stride_wn, VALS, BKW)
+        cs_ch = _per_row(_negated_offsets(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32) + OFF,
+                                          BITS), BITS)
+    offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo < k_hi), k_lo, KW, stride_wn,
+                                          VALS, BKW, EVEN_K)
     for k0 in range(k_lo, k_hi, BK):
-        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k0 + BK < k_hi), k0 + BK, KW, stride_wn, VALS, BKW)
-        if not PER_CHANNEL:
+        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k0 + BK < k_hi), k0 + BK, KW,
+                                            stride_wn, VALS, BKW, EVEN_K)
+        if PER_CHANNEL:  # scales at the end
+            s = 1.0
+            cs = cs_ch
+        else:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
-        lo, hi = _exponent_words(words)
-        for m in tl.static_range(BM):
-            if VEC_X:  # [BKW, VALS] in 16-byte loads, split into value positions in registers
-                row_ok = tl.full([BKW, VALS], m, tl.int32) < M
-                xv = tl.load(x_ptr + m * stride_xm + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :],
-                             mask=kw_mask[:, None] & row_ok, other=0).to(tl.float32)
-                xs = _columns(xv, VALS)
-                xsum = tl.sum(xv, 1)
-            else:  # one strided load per value position (no layout change, more load instructions)
-                row_ok = tl.full([BKW], m, tl.int32) < M
-                x_row = x_ptr + m * stride_xm + offs_kw * VALS
-                xs = _strided_columns(x_row, kw_mask & row_ok, VALS)
-                xsum = _sum_columns(xs, VALS)
-            t = _field(lo, 0, BITS, HALF, MASK, OFF) * xs[0][None, :]
-            for j in tl.static_range(1, VALS):
-                t = tl.fma(_field(lo if j < HALF else hi, j, BITS, HALF, MASK, OFF), xs[j][None, :], t)
-            if PER_CHANNEL:
-                part = tl.sum(t, 1)
-                if HAS_ZP:
-                    part -= z_ch * tl.sum(xsum, 0)
-            elif ONE_GROUP:
-                part = tl.sum(t, 1) * tl.reshape(s, [BN])
-                if HAS_ZP:
-                    part -= tl.reshape(z * s, [BN]) * tl.sum(xsum, 0)
+            if not HAS_ZP:
+                cs = _negated_offsets(OFF, BITS)
+            elif ONE_GROUP:  # per row: [BN] sums, then columns (on [BN, 1] or the tile's shape the
+                # compiler gave the arithmetic a layout of its own and converted the whole tile)
+                cs = _per_row(_negated_offsets(z + OFF, BITS), BITS)
             else:
-                part = tl.sum(s * (t - z * xsum[None, :]), 1) if HAS_ZP else tl.sum(s * t, 1)
-            acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+                cs = _negated_offsets(z + OFF, BITS)
+        lo, hi = _exponent_words(words)
+        acc0 = _row_update(acc0, lo, hi, x_ptr, offs_kw, kw_mask, s, cs, BITS, PER_CHANNEL, EVEN_K, VEC_X)
+        if BM > 1:
+            acc1 = _row_update(acc1, lo, hi, x_ptr + stride_xm, offs_kw, kw_mask, s, cs, BITS, PER_CHANNEL, EVEN_K,
+                               VEC_X)
+        if BM > 2:
+            acc2 = _row_update(acc2, lo, hi, x_ptr + 2 * stride_xm, offs_kw, kw_mask, s, cs, BITS, PER_CHANNEL,
+                               EVEN_K, VEC_X)
+            acc3 = _row_update(acc3, lo, hi, x_ptr + tl.minimum(3, M - 1) * stride_xm, offs_kw, kw_mask, s, cs, BITS,
+                               PER_CHANNEL, EVEN_K, VEC_X)
         offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
+    acc = tl.where(offs_m[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
+    if BM > 1:
+        acc = tl.where(offs_m[:, None] == 1, tl.sum(acc1, 1)[None, :], acc)
+    if BM > 2:
+        acc = tl.where(offs_m[:, None] == 2, tl.sum(acc2, 1)[None, :], acc)
+        acc = tl.where(offs_m[:, None] == 3, tl.sum(acc3, 1)[None, :], acc)
     _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
             pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
@@ -301,6 +403,8 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
+            if ONE_GROUP and HAS_ZP:
+                z = z[:, None]
         lo, hi = _exponent_words(words)
         if ONE_DOT:  # one [BN, BK] tile in the inputs' order, one dot (one layout change)
             w = _dequant_tile(lo, hi, z, s, BITS, MASK, OFF, IEEE, x_ptr.dtype.element_ty)
@@ -386,8 +490,9 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     64-512 inputs (one scale per row per tile), 256 inputs per channel, 128 otherwise. Each
     thread loads 16-byte pieces of 4 words, so ``BK / 32`` threads share a row. At 1 row with
     groups each thread takes 2 rows (8 warps from 128-input tiles, else 4): half the registers
-    of 4 rows per thread, so twice the loads in flight per SM, for about 1.3x the instructions
-    per weight (5.6 at g128 on sm_90). In the sweeps this was the fastest config or within 8%
+    of 4 rows per thread, so twice the loads in flight per SM, for more instructions per weight
+    (5.1 at g128 on sm_90; ``gemv_register_cap`` keeps it at 64 registers). In the sweeps (of
+    the kernel before the per-thread accumulators) this was the fastest config or within 8%
     of it in all 7 shapes (Llama-3-8B's at g128, the demo's at g64), and 1.06-1.35x faster than
     4 rows per thread with 4 warps, which per-channel tiles and 2 activation rows keep (not
     swept). K is then split until there are about four programs per SM, down to one tile per
@@ -425,6 +530,17 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     while tiles * split < want and split < most and K // (bk * split * 2) >= 1:
         split *= 2
     return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps, **cfg}
+
+
+def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool) -> int | None:
+    """The register cap the GEMV launches with, or None. One activation row, scales per group, no
+    zero points, at most 2 output rows per thread (the heuristic's decode tiles): 64 registers,
+    so 2048 threads' worth fit an SM as with the H100 sweeps' kernel (which used 64 without a cap).
+    Uncapped, ptxas takes 72-76 and an SM then holds 3 programs of 8 warps, not 4, for 0.2
+    instructions per weight fewer; capped, it spills one value (Triton 3.6) or none (3.9)."""
+    threads_per_row = max(1, BK * bits // 32 // 4)
+    rows_per_thread = BN * threads_per_row / (32 * num_warps)
+    return 64 if M == 1 and not has_zp and not per_channel and rows_per_thread <= 2 else None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -467,7 +583,11 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
     if gemv:
-        return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True)}
+        cap = cfg["REG_CAP"] if "REG_CAP" in cfg else gemv_register_cap(M, bits, bn, cfg["BK"], cfg["num_warps"],
+                                                                          has_zp, per_channel)
+        return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True),
+                                                                 "EVEN_K": K % cfg["BK"] == 0,
+                                                                 **({"maxnreg": cap} if cap else {})}
     # Triton 3.6 fails to compile the joined tile (one dot) at 64-row tiles when the scales change
     # inside a K tile ("Illegal shared layout"; 3.9 compiles it): those take a dot per value position.
     one_dot = cfg.get("ONE_DOT", True) and not (bm == 64 and not per_channel and group % cfg["BK"])
@@ -482,14 +602,19 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
 
     ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``bias`` [N] (contiguous) is added
     in the kernel, in float32, before the output's rounding. ``config``: tiles and split-K
-    (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones, and
-    ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``)."""
+    (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones,
+    ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``) and the GEMV's ``REG_CAP``
+    (registers per thread, 0 for none; default ``gemv_register_cap``). bf16 inputs must be (or
+    are copied to be) 4-byte aligned with an even row stride; zero points must be integers, as
+    compressed-tensors stores them."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:
         raise ValueError("quant_matmul: x must be [M, K] and the packed weights int32")
     M, K = x.shape
     N, KW = w_packed.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if x.dtype == torch.bfloat16 and (x.data_ptr() % 4 or x.stride(0) % 2 and M > 1):
+        x = x.clone(memory_format=torch.contiguous_format)  # the GEMV reads bf16 pairs as int32 words
     if bias is not None:
         if bias.shape != (N,):
             raise ValueError(f"quant_matmul: bias of shape {tuple(bias.shape)} for {N} outputs")

@@ -46,7 +46,7 @@ def _tool(name: str) -> str:
 
 
 def compile_for(fn, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 3,
-                divisible: tuple[str, ...] = (), arch: int = 90):
+                divisible: tuple[str, ...] = (), arch: int = 90, maxnreg: int | None = None):
     """The compiled kernel for ``sm_<arch>``; ``signature`` maps argument names to Triton types
     ("*bf16", "i32", ...); ``divisible`` names integer arguments to specialise as multiples of 16."""
     from triton.backends.compiler import GPUTarget
@@ -59,7 +59,8 @@ def compile_for(fn, signature: dict, constexprs: dict, *, num_warps: int = 4, nu
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n].startswith("*") or n in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _opcodes(lines: list[str]) -> collections.Counter:
@@ -104,15 +105,17 @@ GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride
 
 def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, BK: int = 128, split: int = 1,
                         num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False, one_dot: bool = True,
-                        vec_x: bool = True):
+                        vec_x: bool = True, even_k: bool = True):
     """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations)."""
-    from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel
+    from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel, gemv_register_cap
 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, HAS_BIAS=False, BN=BN, BK=BK,
                   SPLIT_K=split)
     if M <= 4:
-        return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M), "VEC_X": vec_x},
-                           num_warps=num_warps, divisible=GEMV_DIVISIBLE)
+        return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M), "VEC_X": vec_x,
+                                                        "EVEN_K": even_k},
+                           num_warps=num_warps, divisible=GEMV_DIVISIBLE,
+                           maxnreg=gemv_register_cap(M, bits, BN, BK, num_warps, zero_points, False))
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     return compile_for(_mma_kernel, GEMV_SIG, {**consts, "BM": bm, "IEEE": mma_ieee, "ONE_DOT": one_dot}, num_warps=num_warps,
                        num_stages=2, divisible=GEMV_DIVISIBLE)

@@ -135,6 +135,8 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             shapes = [("mma", bn, w, v, (1, 2, 4, 8)) for bn, w in [(32, 4), (64, 4), (128, 4), (128, 8)]
                       for v in (True, False)]
     out = [dict(picked)]
+    if M == 1 and tuned.kernel_for(M, picked) == "gemv":  # the heuristic's tiles without the register cap
+        out.append({**picked, "REG_CAP": 0})
     for kernel, bn, warps, variant, splits in shapes:
         bk = gemv_bk if kernel == "gemv" else mma_bk
         for split in splits:
@@ -247,7 +249,8 @@ def best_entry(problem: Problem, M: int, rows: list[dict]) -> dict | None:
         return None
     best = min(timed, key=lambda r: r["us"])
     entry = {"bits": problem.bits, "group": problem.group, "K": problem.K, "N": problem.N, "M": M,
-             **{k: best[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL") if k in best},
+             **{k: best[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL", "REG_CAP")
+                if k in best},
              "us": round(best["us"], 2)}
     if rows[0]["us"] is not None:  # candidates() puts the heuristic's config first
         entry["heuristic_us"] = round(rows[0]["us"], 2)

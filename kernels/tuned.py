@@ -82,6 +82,8 @@ def _check(entry: dict, where: str) -> dict:
     for key in ("VEC_X", "ONE_DOT"):
         if key in entry and not isinstance(entry[key], bool):
             raise bad(f"'{key}' must be true or false")
+    if "REG_CAP" in entry and (isinstance(entry["REG_CAP"], bool) or entry["REG_CAP"] not in (0, *range(24, 256, 8))):
+        raise bad("'REG_CAP' must be 0 (no cap) or a multiple of 8 registers from 24 to 248")
     return entry
 
 
@@ -134,7 +136,7 @@ def lookup(M: int, N: int, K: int, group: int, bits: int, device_name: str | Non
     if e is None:
         return None
     cfg = {k: e[k] for k in ("BN", "BK", "SPLIT_K", "num_warps")}
-    cfg.update({k: e[k] for k in ("VEC_X", "ONE_DOT", "KERNEL") if k in e})
+    cfg.update({k: e[k] for k in ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP") if k in e})
     return cfg
 
 

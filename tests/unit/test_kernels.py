@@ -382,14 +382,53 @@ def test_every_value_position_converts_exactly(bits, M):
     scale = torch.full((N, K // 32), 0.5)
     zero = torch.randint(-3, 4, (N, K // 32), generator=torch.Generator().manual_seed(0)).float()
     w = pack_int32(q, bits, dim=1).to(DEVICE)
-    for k0 in range(0, vals * 2, M):
-        x = torch.zeros(M, K)
-        for r in range(M):
-            x[r, (k0 + r) % K] = 1.0
-        out = quant_matmul(x.to(DEVICE), w, scale.to(DEVICE), zero.to(DEVICE), bits, 32).cpu()
-        for r in range(M):
-            k = (k0 + r) % K
-            assert torch.equal(out[r], (q[:, k].float() - zero[:, k // 32]) * 0.5), (bits, k)
+    # the decode kernel's tiles of two groups (zero points per word) and of one group (per row)
+    for config in ([None, {"BK": 32}] if M == 1 else [None]):
+        for k0 in range(0, vals * 2, M):
+            x = torch.zeros(M, K)
+            for r in range(M):
+                x[r, (k0 + r) % K] = 1.0
+            out = quant_matmul(x.to(DEVICE), w, scale.to(DEVICE), zero.to(DEVICE), bits, 32, config=config).cpu()
+            for r in range(M):
+                k = (k0 + r) % K
+                assert torch.equal(out[r], (q[:, k].float() - zero[:, k // 32]) * 0.5), (bits, k, config)
+
+
+def test_decode_gemv_register_cap_and_its_override():
+    """The heuristic's decode tiles launch capped at 64 registers (1 row, groups, no zero points,
+    2 rows per thread); zero points, per-channel scales or 4 rows per thread run uncapped; a
+    config's REG_CAP overrides the rule, and the numbers do not depend on it."""
+    from inferkit.kernels import quant_matmul as qm
+
+    dev = torch.device(DEVICE)
+    plan = lambda M, zp, group=128, config=None: qm._plan(M, 256, 512, 64, 512 // (group or 512), 4, group,  # noqa: E731
+                                                           torch.bfloat16, dev, zp, False, config)[-1]
+    cfg = (("BN", 128), ("BK", 128), ("SPLIT_K", 1), ("num_warps", 8))
+    assert plan(1, False, config=cfg)["maxnreg"] == 64
+    assert "maxnreg" not in plan(1, True, config=cfg)  # zero points
+    assert "maxnreg" not in plan(1, False, None, config=cfg)  # per channel
+    assert "maxnreg" not in plan(2, False, config=cfg)
+    assert "maxnreg" not in plan(1, False, config=(("BN", 256),) + cfg[1:])  # 4 rows per thread
+    assert "maxnreg" not in plan(1, False, config=cfg + (("REG_CAP", 0),))
+    assert plan(1, True, config=cfg + (("REG_CAP", 96),))["maxnreg"] == 96
+    x, w, s, z = quant_case(1, 256, 512, 4, 128, False, torch.bfloat16, seed=12)
+    capped = quant_matmul(x, w, s, z, 4, 128, config=dict(cfg))
+    assert torch.equal(capped, quant_matmul(x, w, s, z, 4, 128, config={**dict(cfg), "REG_CAP": 0}))
+    assert rel_err(capped, reference_quant_matmul(x, w, s, z, 4, 128)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_quant_matmul_bf16_inputs_at_any_offset_and_row_stride(M):
+    """The decode kernel reads bf16 inputs as int32 pairs: a view that starts at an odd element or
+    has an odd row stride is copied first, and gives the same numbers as a contiguous one."""
+    x, w, s, z = quant_case(M, 40, 256, 4, 64, True, torch.bfloat16, seed=11)
+    ref = quant_matmul(x, w, s, z, 4, 64)
+    assert rel_err(ref, reference_quant_matmul(x, w, s, z, 4, 64)) < TOL[torch.bfloat16]
+    wide = torch.zeros(M, 257, dtype=torch.bfloat16, device=x.device)
+    wide[:, 1:] = x
+    view = wide[:, 1:]  # odd offset, odd row stride
+    assert view.data_ptr() % 4 and view.stride(0) % 2
+    assert torch.equal(quant_matmul(view, w, s, z, 4, 64), ref)
 
 
 @pytest.mark.parametrize("M", [1, 7])
