@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks, run on the lent GPU machine from the repo root (about 5 minutes on an H100):
-#   benchmarks/gpu.sh --prepare   # here, once: wheels for pytest and the demo's config/tokenizer into .gpu/
+#   benchmarks/gpu.sh --prepare   # here, once: wheels for pytest, the demo's config/tokenizer and the
+#                                 # baseline revision's INT4 kernel (GPU_BASELINE_REV, default dc815a0) into .gpu/
 #   benchmarks/gpu.sh             # there: kernel and runtime tests, kernel benchmarks, end-to-end decode → $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ if [ "${1:-}" = "--prepare" ]; then
   python -m pip download -q --only-binary=:all: -d .gpu/wheels pytest pytest-xdist
   demo=$(python -c "from inferkit.models.demo import fetch_demo; print(fetch_demo())")
   cp "$demo"/config.json "$demo"/tokenizer* "$demo"/generation_config.json .gpu/demo/
+  # the kernel before the per-thread accumulators, timed beside the current one (gpu_kernels.py --baseline)
+  mkdir -p .gpu/baseline
+  git show "${GPU_BASELINE_REV:-dc815a0}:kernels/quant_matmul.py" > .gpu/baseline/quant_matmul.py
   exit 0
 fi
 OUT=${OUT:-bench_out}
@@ -36,7 +40,8 @@ if [[ $PARTS == *tests* ]]; then
 fi
 # 2. Kernel benchmarks and end-to-end decode on a Llama-1B-shaped model.
 if [[ $PARTS == *kernels* ]]; then
-  timeout 320 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo ${GPU_KERNELS_ARGS:-} 2>&1 \
+  base=""; [ -f .gpu/baseline/quant_matmul.py ] && base="--baseline .gpu/baseline/quant_matmul.py"
+  timeout 320 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo $base ${GPU_KERNELS_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_kernels.log" | grep -v "^attention {\|^matmul {"
   echo "[kernels done at ${SECONDS}s]"
   # The sweep's fastest tiles (kernels/configs/ format): the runtime part below launches with them.

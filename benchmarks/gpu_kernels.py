@@ -144,7 +144,20 @@ def prefill() -> list[dict]:
     return rows
 
 
-def matmul() -> tuple[list[dict], list[dict], list[dict]]:
+def load_baseline(path: Path | None):
+    """Another revision's ``kernels/quant_matmul.py`` as a module (``gpu.sh --prepare`` saves one to
+    ``.gpu/baseline/``), to time its INT4 kernel beside this one on the same GPU; None without."""
+    if path is None or not path.exists():
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quant_matmul_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def matmul(baseline=None) -> tuple[list[dict], list[dict], list[dict]]:
     from inferkit.kernels.quant_matmul import quant_matmul
     from inferkit.quant.pack import pack_int32
 
@@ -179,6 +192,10 @@ def matmul() -> tuple[list[dict], list[dict], list[dict]]:
                    "graphed_bf16_us": g_bf16 * 1e6, "graphed_int4_us": g_i4 * 1e6, "graphed_int8_us": g_i8 * 1e6,
                    "graphed_int4_speedup": g_bf16 / g_i4, "graphed_int8_speedup": g_bf16 / g_i8,
                    "graphed_int4_gb_s": b4 / g_i4 / 1e9, "graphed_bf16_gb_s": b16 / g_bf16 / 1e9}
+            if baseline is not None and M == 1:  # the same launch with the baseline revision's kernel
+                g_base = bench_graphed(lambda i: (lambda: baseline.quant_matmul(x, *copies4[i % len(copies4)], None, 4,
+                                                                                128)), b4)
+                row.update(baseline_graphed_int4_us=g_base * 1e6, baseline_graphed_int4_speedup=g_bf16 / g_base)
             swept, best = config_sweep(K, N, M, copies4, w_ref, g_bf16)
             if best:  # the fastest correct config: what a tuned table makes the default on this GPU
                 row.update(tuned_graphed_int4_us=best["us"], tuned_graphed_int4_speedup=g_bf16 * 1e6 / best["us"])
@@ -321,6 +338,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/demo"))
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another revision's kernels/quant_matmul.py: its INT4 batch-1 time beside this one's")
     args = parser.parse_args()
     global DEV, SMOKE
     if args.smoke:
@@ -335,7 +354,7 @@ def main() -> None:
     results["prefill"] = prefill()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept if the matmul sweep runs out of time
-    results["matmul"], results["int4_config_sweep"], entries = matmul()
+    results["matmul"], results["int4_config_sweep"], entries = matmul(load_baseline(args.baseline))
     table = tuned_table(entries, args.out.parent / "tuned", results["device"])
     if table:
         results["tuned_table"] = str(table)
@@ -361,7 +380,9 @@ def main() -> None:
               f"{r['graphed_bf16_us']:6.1f}, int8 {r['graphed_int8_us']:6.1f} ({r['graphed_int8_speedup']:.2f}x), int4 "
               f"{r['graphed_int4_us']:6.1f} us ({r['graphed_int4_speedup']:.2f}x)"
               + (f", int4 best swept {r['tuned_graphed_int4_us']:6.1f} us ({r['tuned_graphed_int4_speedup']:.2f}x)"
-                 if "tuned_graphed_int4_us" in r else ""))
+                 if "tuned_graphed_int4_us" in r else "")
+              + (f", int4 baseline revision {r['baseline_graphed_int4_us']:6.1f} us "
+                 f"({r['baseline_graphed_int4_speedup']:.2f}x)" if "baseline_graphed_int4_us" in r else ""))
     if "end_to_end" in results:
         e = results["end_to_end"]
         for tag in ("graphs", "graphs_unfused", "eager"):
