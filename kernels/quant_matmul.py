@@ -13,7 +13,8 @@ visit K in any order). Nothing is written but the output (and split-K partials).
 
 - ``gemv``: 1-4 rows (decode). Each program owns BN output channels; multiply-and-sum on the
   CUDA cores (a 16-row MMA tile would be mostly padding), each thread into its own accumulator
-  (summed across threads once, at the end); zero points enter the field constants.
+  (summed across threads once, at the end); zero points enter the field constants (or, in
+  tiles spanning groups, come off through the sum of each word's inputs).
 - ``mma``: more rows: the tile's values dequantized to the activation dtype and joined back
   into the inputs' order for one ``tl.dot`` per tile (``ONE_DOT``; or one dot per value position).
 
@@ -40,15 +41,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
-                VALS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr):
+def _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW,
+                VALS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                WORDS_PER_GROUP: tl.constexpr = 0):
     """Scale and zero point of every word of the tile: [BN, 1] and [BN] when the tile lies in one
-    group (the scale loaded as a column, which keeps it in the tile's layout), else gathered per
-    word [BN, BKW] (a word's VALS inputs always share a group)."""
+    group (the scale loaded as a column, which keeps it in the tile's layout). Else per word
+    [BN, BKW] (a word's VALS inputs always share a group): when groups hold whole runs of 4 words
+    (``WORDS_PER_GROUP``, the GEMV's: a thread's 16 bytes of words), loaded once per run and
+    repeated in registers; otherwise gathered word by word."""
+    BKW: tl.constexpr = offs_kw.shape[0]
     if ONE_GROUP:
         g = k0 // GROUP
         s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=n_mask[:, None], other=0).to(tl.float32)
         z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32) if HAS_ZP else 0.0
+    elif WORDS_PER_GROUP > 0 and WORDS_PER_GROUP % 4 == 0 and BKW % 4 == 0:
+        g = (k0 // VALS + tl.arange(0, BKW // 4) * 4) * VALS // GROUP
+        m = n_mask[:, None] & (k0 // VALS + tl.arange(0, BKW // 4) * 4 < KW)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=m, other=0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], [s.shape[0], BKW // 4, 4]), [s.shape[0], BKW])
+        if HAS_ZP:
+            z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=m, other=0).to(tl.float32)
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], [z.shape[0], BKW // 4, 4]), [z.shape[0], BKW])
+        else:
+            z = 0.0
     else:
         g = (offs_kw * VALS) // GROUP
         m = n_mask[:, None] & kw_mask[None, :]
@@ -277,13 +292,15 @@ def _x_columns(x_row, offs_kw, kw_mask, VALS: tl.constexpr, EVEN_K: tl.constexpr
 
 
 @triton.jit
-def _row_update(acc, lo, hi, x_row, offs_kw, kw_mask, s, cs, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                EVEN_K: tl.constexpr, VEC_X: tl.constexpr):
+def _row_update(acc, lo, hi, x_row, offs_kw, kw_mask, s, z, cs, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                ZP_SUM: tl.constexpr, EVEN_K: tl.constexpr, VEC_X: tl.constexpr):
     """One activation row against the tile's words: value j of every word meets input
     ``VALS * w + j`` (one AND and one multiply-add make it the float ``q - off``, ``_field``; one
     FMA uses it), and the [BN, BKW] products go into the row's accumulator of the same shape,
     each thread its own: no reduction across threads and no barrier until the end. ``cs``: the
-    field constants (``_negated_offsets``), with the zero points where there are. Per channel
+    field constants (``_negated_offsets``), with the zero points where they are one per row;
+    ZP_SUM (zero points per word, tiles spanning groups): ``z`` times the sum of each word's
+    inputs comes off instead (fewer registers than four constants per word). Per channel
     the FMA chain runs on in the accumulator (the scales come at the end); with groups the tile's
     products are scaled in."""
     VALS: tl.constexpr = 32 // BITS
@@ -298,6 +315,8 @@ def _row_update(acc, lo, hi, x_row, offs_kw, kw_mask, s, cs, BITS: tl.constexpr,
         t = tl.fma(_field(lo if j < HALF else hi, j, BITS, HALF, MASK, cs[j % HALF]), xs[j][None, :], t)
     if PER_CHANNEL:
         return t
+    elif ZP_SUM:
+        return tl.fma(t - z * _sum_columns(xs, VALS)[None, :], s, acc)
     else:
         return tl.fma(t, s, acc)
 
@@ -317,6 +336,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
     ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BK <= GROUP and GROUP % BK == 0
+    ZP_SUM: tl.constexpr = HAS_ZP and not PER_CHANNEL and not ONE_GROUP
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -339,27 +359,29 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                                             stride_wn, VALS, BKW, EVEN_K)
         if PER_CHANNEL:  # scales at the end
             s = 1.0
+            z = 0.0
             cs = cs_ch
         else:
-            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
-                               VALS, GROUP, HAS_ZP, ONE_GROUP)
-            if not HAS_ZP:
+            # One group per tile and no zero points: the scale as a [BN, 1] column. Else scales and
+            # zero points per word, loaded once per thread's 4 words (_scale_zero): the zero points'
+            # constants are then worked out once per row and group too (the 4 copies are one value).
+            # Loaded as [BN] rows instead, they took a layout change per constant in 4-warp tiles.
+            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW,
+                               VALS, GROUP, HAS_ZP, ONE_GROUP and not HAS_ZP, GROUP // VALS)
+            if not HAS_ZP or ZP_SUM:
                 cs = _negated_offsets(OFF, BITS)
-            elif ONE_GROUP:  # per row: [BN] sums, then columns (on [BN, 1] or the tile's shape the
-                # compiler gave the arithmetic a layout of its own and converted the whole tile)
-                cs = _per_row(_negated_offsets(z + OFF, BITS), BITS)
             else:
                 cs = _negated_offsets(z + OFF, BITS)
         lo, hi = _exponent_words(words)
-        acc0 = _row_update(acc0, lo, hi, x_ptr, offs_kw, kw_mask, s, cs, BITS, PER_CHANNEL, EVEN_K, VEC_X)
+        acc0 = _row_update(acc0, lo, hi, x_ptr, offs_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X)
         if BM > 1:
-            acc1 = _row_update(acc1, lo, hi, x_ptr + stride_xm, offs_kw, kw_mask, s, cs, BITS, PER_CHANNEL, EVEN_K,
-                               VEC_X)
-        if BM > 2:
-            acc2 = _row_update(acc2, lo, hi, x_ptr + 2 * stride_xm, offs_kw, kw_mask, s, cs, BITS, PER_CHANNEL,
+            acc1 = _row_update(acc1, lo, hi, x_ptr + stride_xm, offs_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM,
                                EVEN_K, VEC_X)
-            acc3 = _row_update(acc3, lo, hi, x_ptr + tl.minimum(3, M - 1) * stride_xm, offs_kw, kw_mask, s, cs, BITS,
-                               PER_CHANNEL, EVEN_K, VEC_X)
+        if BM > 2:
+            acc2 = _row_update(acc2, lo, hi, x_ptr + 2 * stride_xm, offs_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL,
+                               ZP_SUM, EVEN_K, VEC_X)
+            acc3 = _row_update(acc3, lo, hi, x_ptr + tl.minimum(3, M - 1) * stride_xm, offs_kw, kw_mask, s, z, cs,
+                               BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X)
         offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
     acc = tl.where(offs_m[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
     if BM > 1:
@@ -401,7 +423,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
     for k0 in range(k_lo, k_hi, BK):
         offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW)
         if not PER_CHANNEL:
-            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn,
+            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW,
                                VALS, GROUP, HAS_ZP, ONE_GROUP)
             if ONE_GROUP and HAS_ZP:
                 z = z[:, None]
@@ -532,15 +554,21 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     return {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps, **cfg}
 
 
-def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool) -> int | None:
-    """The register cap the GEMV launches with, or None. One activation row, scales per group, no
-    zero points, at most 2 output rows per thread (the heuristic's decode tiles): 64 registers,
-    so 2048 threads' worth fit an SM as with the H100 sweeps' kernel (which used 64 without a cap).
-    Uncapped, ptxas takes 72-76 and an SM then holds 3 programs of 8 warps, not 4, for 0.2
-    instructions per weight fewer; capped, it spills one value (Triton 3.6) or none (3.9)."""
+def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool,
+                      group: int) -> int | None:
+    """The register cap the GEMV launches with, or None: the registers of the kernel the H100
+    sweeps measured, for the heuristic's decode tiles of 8 warps (one activation row, at most 2
+    output rows per thread, tiles inside one group). Without zero points 64, so 4 programs fit
+    an SM: uncapped, ptxas takes 72-76 and an SM holds 3, for 0.2 instructions per weight fewer;
+    capped, it spills one value (Triton 3.6) or none (3.9). With zero points 80 (Triton 3.6
+    takes 96 uncapped: 2 programs per SM instead of 3; no spills). Not capped: 4-warp tiles
+    (70-80 registers, 6-7 programs per SM; a cap of 64 spills inside the loop), tiles spanning
+    groups (a cap spills with 3.6)."""
     threads_per_row = max(1, BK * bits // 32 // 4)
     rows_per_thread = BN * threads_per_row / (32 * num_warps)
-    return 64 if M == 1 and not has_zp and not per_channel and rows_per_thread <= 2 else None
+    if M != 1 or per_channel or num_warps < 8 or rows_per_thread > 2 or BK > group or group % BK:
+        return None
+    return 80 if has_zp else 64
 
 
 @functools.lru_cache(maxsize=4096)
@@ -584,7 +612,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                   SPLIT_K=split, num_warps=cfg["num_warps"])
     if gemv:
         cap = cfg["REG_CAP"] if "REG_CAP" in cfg else gemv_register_cap(M, bits, bn, cfg["BK"], cfg["num_warps"],
-                                                                          has_zp, per_channel)
+                                                                          has_zp, per_channel, group)
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True),
                                                                  "EVEN_K": K % cfg["BK"] == 0,
                                                                  **({"maxnreg": cap} if cap else {})}

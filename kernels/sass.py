@@ -115,7 +115,7 @@ def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, 
         return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M), "VEC_X": vec_x,
                                                         "EVEN_K": even_k},
                            num_warps=num_warps, divisible=GEMV_DIVISIBLE,
-                           maxnreg=gemv_register_cap(M, bits, BN, BK, num_warps, zero_points, False))
+                           maxnreg=gemv_register_cap(M, bits, BN, BK, num_warps, zero_points, False, group))
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     return compile_for(_mma_kernel, GEMV_SIG, {**consts, "BM": bm, "IEEE": mma_ieee, "ONE_DOT": one_dot}, num_warps=num_warps,
                        num_stages=2, divisible=GEMV_DIVISIBLE)
@@ -211,7 +211,8 @@ def report() -> list[dict]:
     qm._SM_COUNT.setdefault(cuda, 132)  # an H100 SXM, for the heuristic's split-K
     cases = [dict(K=K, N=N, M=M, group=128, zp=False) for K, N in ((4096, 4096), (4096, 14336), (14336, 4096))
              for M in (1, 8, 32)]
-    cases += [dict(K=1536, N=576, M=1, group=64, zp=True), dict(K=4096, N=4096, M=3, group=32, zp=True),
+    cases += [dict(K=1536, N=576, M=1, group=64, zp=True), dict(K=4096, N=14336, M=1, group=128, zp=True),
+              dict(K=4096, N=4096, M=3, group=32, zp=True),
               dict(K=4096, N=4096, M=4, group=128, zp=False), dict(K=4096, N=4096, M=20, group=128, zp=False, ieee=True),
               dict(K=4096, N=14336, M=8, group=128, zp=False, one_dot=False),
               dict(K=4096, N=14336, M=1, group=128, zp=False, vec_x=False)]

@@ -395,9 +395,10 @@ def test_every_value_position_converts_exactly(bits, M):
 
 
 def test_decode_gemv_register_cap_and_its_override():
-    """The heuristic's decode tiles launch capped at 64 registers (1 row, groups, no zero points,
-    2 rows per thread); zero points, per-channel scales or 4 rows per thread run uncapped; a
-    config's REG_CAP overrides the rule, and the numbers do not depend on it."""
+    """The heuristic's decode tiles of 8 warps (1 row, 2 rows per thread, tiles inside a group)
+    launch capped at 64 registers, 80 with zero points; per-channel scales, tiles spanning groups,
+    4 rows per thread or 4 warps run uncapped; a config's REG_CAP overrides the rule, and the
+    numbers do not depend on it."""
     from inferkit.kernels import quant_matmul as qm
 
     dev = torch.device(DEVICE)
@@ -405,7 +406,9 @@ def test_decode_gemv_register_cap_and_its_override():
                                                            torch.bfloat16, dev, zp, False, config)[-1]
     cfg = (("BN", 128), ("BK", 128), ("SPLIT_K", 1), ("num_warps", 8))
     assert plan(1, False, config=cfg)["maxnreg"] == 64
-    assert "maxnreg" not in plan(1, True, config=cfg)  # zero points
+    assert plan(1, True, config=cfg)["maxnreg"] == 80  # zero points
+    assert "maxnreg" not in plan(1, False, config=(("BN", 64),) + cfg[1:3] + (("num_warps", 4),))
+    assert "maxnreg" not in plan(1, False, 64, config=cfg)  # two groups per tile
     assert "maxnreg" not in plan(1, False, None, config=cfg)  # per channel
     assert "maxnreg" not in plan(2, False, config=cfg)
     assert "maxnreg" not in plan(1, False, config=(("BN", 256),) + cfg[1:])  # 4 rows per thread

@@ -28,7 +28,7 @@ def report():
 
 def test_decode_gemv_compiles_lean(report):
     gemvs = [r for r in report if r["kernel"] == "gemv"]
-    assert len(gemvs) == 7
+    assert len(gemvs) == 8
     for r in gemvs:
         loop = r["loop"]
         assert r["spill_bytes"] == 0, r
@@ -44,8 +44,8 @@ def test_decode_gemv_compiles_lean(report):
         assert r["loop_per_weight"] / rows < (6.0 if rows == 1 else 4.5), r
         if not r["zp"]:  # no reduction across threads, no layout change in the loop
             assert loop.get("BAR", 0) == 0 and loop.get("SHFL", 0) == 0, r
-        if r["M"] == 1 and not r["zp"]:  # the cap keeps 4 programs of 8 warps per SM
-            assert r["registers"] <= 64, r
+        if r["M"] == 1 and r["config"]["num_warps"] == 8:  # the cap keeps 4 programs of 8 warps per SM (3 with
+            assert r["registers"] <= (80 if r["zp"] else 64), r  # zero points), as the kernel the sweeps timed
 
 
 def test_mma_kernels_compile_with_tensor_cores_and_no_spills_in_the_loop(report):
