@@ -15,7 +15,8 @@ Table format::
                   "BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "VEC_X": true, "us": 12.5}]}
 
 ``group`` is K for per-channel scales; ``KERNEL`` (optional) is ``gemv`` or ``mma``, the GEMV
-kernel being the default up to 4 rows and allowed only there. Row buckets: 1, 2, 3, 4 exactly;
+kernel being the default up to 4 rows and allowed only there; ``REG_CAP`` (optional) the GEMV's
+registers per thread (0: none; without it, ``quant_matmul.gemv_register_cap`` decides). Row buckets: 1, 2, 3, 4 exactly;
 then 5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket
 serving the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
 bounded number of compiled variants for mixed prefill steps).
