@@ -641,7 +641,7 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     N, KW = w_packed.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if x.dtype == torch.bfloat16 and (x.data_ptr() % 4 or x.stride(0) % 2 and M > 1):
+    if x.dtype is torch.bfloat16 and (x.data_ptr() & 3 or M > 1 and x.stride(0) & 1):
         x = x.clone(memory_format=torch.contiguous_format)  # the GEMV reads bf16 pairs as int32 words
     if bias is not None:
         if bias.shape != (N,):
