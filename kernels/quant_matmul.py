@@ -424,7 +424,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
         offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW)
         if not PER_CHANNEL:
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW,
-                               VALS, GROUP, HAS_ZP, ONE_GROUP)
+                               VALS, GROUP, HAS_ZP, ONE_GROUP, GROUP // VALS)
             if ONE_GROUP and HAS_ZP:
                 z = z[:, None]
         lo, hi = _exponent_words(words)
