@@ -47,7 +47,7 @@ def _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, s
     """Scale and zero point of every word of the tile: [BN, 1] and [BN] when the tile lies in one
     group (the scale loaded as a column, which keeps it in the tile's layout). Else per word
     [BN, BKW] (a word's VALS inputs always share a group): when groups hold whole runs of 4 words
-    (``WORDS_PER_GROUP``, the GEMV's: a thread's 16 bytes of words), loaded once per run and
+    (``WORDS_PER_GROUP``; the GEMV gives each thread 16 bytes of words), loaded once per run and
     repeated in registers; otherwise gathered word by word."""
     BKW: tl.constexpr = offs_kw.shape[0]
     if ONE_GROUP:
