@@ -42,26 +42,23 @@ def _round(x, dtype: tl.constexpr, BY_HAND: tl.constexpr):
     return x.to(dtype)
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=256)
 def _consts(kind: str, dtype: torch.dtype, *sizes: int) -> dict:
     """Compile-time constants of a launch, worked out once per shape (eager steps call these
     wrappers for every layer: the Python work per call is kept to checks, allocation, launch)."""
     by_hand = INTERPRET and dtype == torch.bfloat16
     if kind == "norm":
-        block = _pow2(sizes[0])
+        block = triton.next_power_of_2(sizes[0])
         return dict(BLOCK=block, BY_HAND=by_hand, num_warps=min(16, max(1, block // 256)))
     if kind == "rope":
         num_heads, num_kv, head_dim = sizes
         # 8 heads of 128 per program at most (register use does not grow with the model's heads)
-        per_program = max(1, min(_pow2(num_heads + 2 * num_kv), 1024 // _pow2(head_dim)))
-        return dict(NUM_HEADS=num_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, D_PAD=_pow2(head_dim),
+        d_pad = triton.next_power_of_2(head_dim)
+        per_program = max(1, min(triton.next_power_of_2(num_heads + 2 * num_kv), 1024 // d_pad))
+        return dict(NUM_HEADS=num_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, D_PAD=d_pad,
                     HEADS_PER_PROGRAM=per_program, BY_HAND=by_hand, num_warps=4,
                     enable_fp_fusion=False)  # no multiply-add contraction: float32 rounds each product, as PyTorch
-    return dict(BLOCK=min(1024, _pow2(sizes[0])), BY_HAND=by_hand, num_warps=4)
+    return dict(BLOCK=min(1024, triton.next_power_of_2(sizes[0])), BY_HAND=by_hand, num_warps=4)
 
 
 @triton.jit

@@ -232,17 +232,25 @@ def _dequant_tile(lo, hi, z, s, BITS: tl.constexpr, MASK: tl.constexpr, OFF: tl.
 
 
 @triton.jit
+def _load_inputs(ptrs, mask, EVEN_K: tl.constexpr):
+    """Inputs, masked (past K: zero) unless K is a multiple of the tile (EVEN_K)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def _strided_columns(x_row, mask, VALS: tl.constexpr, EVEN_K: tl.constexpr):
     """Inputs ``VALS * w + j`` for each value position j, one strided load each, in float32."""
-    c0 = tl.load(x_row, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
-    c1 = tl.load(x_row + 1, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
-    c2 = tl.load(x_row + 2, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
-    c3 = tl.load(x_row + 3, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+    c0 = _load_inputs(x_row, mask, EVEN_K).to(tl.float32)
+    c1 = _load_inputs(x_row + 1, mask, EVEN_K).to(tl.float32)
+    c2 = _load_inputs(x_row + 2, mask, EVEN_K).to(tl.float32)
+    c3 = _load_inputs(x_row + 3, mask, EVEN_K).to(tl.float32)
     if VALS == 8:
-        c4 = tl.load(x_row + 4, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
-        c5 = tl.load(x_row + 5, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
-        c6 = tl.load(x_row + 6, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
-        c7 = tl.load(x_row + 7, mask=None if EVEN_K else mask, other=None if EVEN_K else 0).to(tl.float32)
+        c4 = _load_inputs(x_row + 4, mask, EVEN_K).to(tl.float32)
+        c5 = _load_inputs(x_row + 5, mask, EVEN_K).to(tl.float32)
+        c6 = _load_inputs(x_row + 6, mask, EVEN_K).to(tl.float32)
+        c7 = _load_inputs(x_row + 7, mask, EVEN_K).to(tl.float32)
         return c0, c1, c2, c3, c4, c5, c6, c7
     else:
         return c0, c1, c2, c3
@@ -265,11 +273,8 @@ def _x_columns(x_row, offs_kw, kw_mask, VALS: tl.constexpr, EVEN_K: tl.constexpr
         return _strided_columns(x_row + offs_kw * VALS, kw_mask, VALS, EVEN_K)
     elif x_row.dtype.element_ty == tl.bfloat16:
         PAIRS: tl.constexpr = VALS // 2
-        ptrs = x_row.to(tl.pointer_type(tl.int32)) + offs_kw[:, None] * PAIRS + tl.arange(0, PAIRS)[None, :]
-        if EVEN_K:
-            xp = tl.load(ptrs)
-        else:
-            xp = tl.load(ptrs, mask=kw_mask[:, None], other=0)
+        xp = _load_inputs(x_row.to(tl.pointer_type(tl.int32)) + offs_kw[:, None] * PAIRS + tl.arange(0, PAIRS)[None, :],
+                          kw_mask[:, None], EVEN_K)
         if VALS == 8:
             p0, p1, p2, p3 = _columns(xp, 4)
             c0, c1 = _bf16_pair(p0)
@@ -283,12 +288,8 @@ def _x_columns(x_row, offs_kw, kw_mask, VALS: tl.constexpr, EVEN_K: tl.constexpr
             c2, c3 = _bf16_pair(p1)
             return c0, c1, c2, c3
     else:
-        ptrs = x_row + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :]
-        if EVEN_K:
-            xv = tl.load(ptrs).to(tl.float32)
-        else:
-            xv = tl.load(ptrs, mask=kw_mask[:, None], other=0).to(tl.float32)
-        return _columns(xv, VALS)
+        xv = _load_inputs(x_row + offs_kw[:, None] * VALS + tl.arange(0, VALS)[None, :], kw_mask[:, None], EVEN_K)
+        return _columns(xv.to(tl.float32), VALS)
 
 
 @triton.jit
