@@ -38,6 +38,7 @@ import triton.language as tl
 from inferkit.kernels import tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PTX = not INTERPRET and torch.version.hip is None  # inline PTX (_field's lop3): NVIDIA GPUs, compiled
 
 
 @triton.jit
@@ -128,15 +129,25 @@ def _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask,
 
 
 @triton.jit
-def _field(src, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, MASK: tl.constexpr, c):
+def _field(src, j: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr, MASK: tl.constexpr, c,
+           LOP3: tl.constexpr = False):
     """Value ``j`` of each word as the float ``v - off``, without an int-to-float conversion
-    (a quarter-rate instruction). ``src`` is the word ORed with the exponent bits of 2**23
-    (``0x4B000000``; for the upper half of the values, the word shifted down 16 bits first):
-    ANDing it with the field's mask plus those bits gives 2**23 + v * 2**sh (``sh = BITS * (j %
-    HALF)``, the field's position) in one instruction with one constant, and one multiply-add by
-    ``2**-sh`` and ``c = -(2**(23 - sh) + off)`` (``_negated_offsets``) leaves ``v - off``,
-    exactly while ``off`` is an integer."""
-    bits = (src & ((MASK << (BITS * (j % HALF))) | 0x4B000000)).to(tl.float32, bitcast=True)
+    (a quarter-rate instruction). The field's bits with the exponent bits of 2**23
+    (``0x4B000000``) set are the float 2**23 + v * 2**sh (``sh = BITS * (j % HALF)``, the field's
+    position); one multiply-add by ``2**-sh`` and ``c = -(2**(23 - sh) + off)``
+    (``_negated_offsets``) leaves ``v - off``, exactly while ``off`` is an integer. ``src`` is
+    the word (for the upper half of the values, the word shifted down 16 bits), as
+    ``_exponent_words`` gives it. LOP3: ``(src & mask) | exponent`` is one PTX ``lop3`` per
+    value on the raw word (ptxas does not fuse the two itself). Otherwise ``src`` comes already
+    ORed with the exponent bits, and one AND per value with the mask plus those bits does it
+    (the interpreter, which runs no PTX)."""
+    if LOP3:
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,n",  # (a & b) | c
+                                         [src, MASK << (BITS * (j % HALF)), 0x4B000000], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        bits = src & ((MASK << (BITS * (j % HALF))) | 0x4B000000)
+    bits = bits.to(tl.float32, bitcast=True)
     if j % HALF == 0:
         return bits + c
     return tl.fma(bits, 1.0 / (1 << (BITS * (j % HALF))), c)
@@ -163,8 +174,11 @@ def _per_row(cs, BITS: tl.constexpr):
 
 
 @triton.jit
-def _exponent_words(words):
-    """The words and their upper halves, each ORed with the exponent bits of 2**23 (see _field)."""
+def _exponent_words(words, LOP3: tl.constexpr = False):
+    """The words and their upper halves shifted down, as _field takes them: as they are (LOP3) or
+    ORed with the exponent bits of 2**23."""
+    if LOP3:
+        return words, words >> 16
     return words | 0x4B000000, (words >> 16) | 0x4B000000
 
 
@@ -200,34 +214,34 @@ def _bf16_pair(p):
 
 @triton.jit
 def _dequant(src, j: tl.constexpr, z, s, BITS: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr,
-             IEEE: tl.constexpr, dtype: tl.constexpr):
+             IEEE: tl.constexpr, dtype: tl.constexpr, LOP3: tl.constexpr):
     """Value ``j`` of each word dequantized, in float32 (IEEE) or the activations' dtype."""
-    w = (_field(src, j, BITS, 16 // BITS, MASK, _negated_offsets(OFF, BITS)[j % (16 // BITS)]) - z) * s
+    w = (_field(src, j, BITS, 16 // BITS, MASK, _negated_offsets(OFF, BITS)[j % (16 // BITS)], LOP3) - z) * s
     return w if IEEE else w.to(dtype)
 
 
 @triton.jit
 def _dequant_tile(lo, hi, z, s, BITS: tl.constexpr, MASK: tl.constexpr, OFF: tl.constexpr, IEEE: tl.constexpr,
-                  dtype: tl.constexpr):
+                  dtype: tl.constexpr, LOP3: tl.constexpr):
     """The words' values dequantized as one [R, C * VALS] tile whose column ``VALS * c + j`` is
     value j of word c: the inputs' own order, so one dot per tile (register joins, the inverse
     of _columns)."""
     if BITS == 4:
-        a = tl.join(tl.join(_dequant(lo, 0, z, s, BITS, MASK, OFF, IEEE, dtype),
-                            _dequant(hi, 4, z, s, BITS, MASK, OFF, IEEE, dtype)),
-                    tl.join(_dequant(lo, 2, z, s, BITS, MASK, OFF, IEEE, dtype),
-                            _dequant(hi, 6, z, s, BITS, MASK, OFF, IEEE, dtype)))  # [R, C, 2, 2]: j = 4 d1 + 2 d2
-        b = tl.join(tl.join(_dequant(lo, 1, z, s, BITS, MASK, OFF, IEEE, dtype),
-                            _dequant(hi, 5, z, s, BITS, MASK, OFF, IEEE, dtype)),
-                    tl.join(_dequant(lo, 3, z, s, BITS, MASK, OFF, IEEE, dtype),
-                            _dequant(hi, 7, z, s, BITS, MASK, OFF, IEEE, dtype)))
+        a = tl.join(tl.join(_dequant(lo, 0, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3),
+                            _dequant(hi, 4, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3)),
+                    tl.join(_dequant(lo, 2, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3),
+                            _dequant(hi, 6, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3)))  # [R, C, 2, 2]: j = 4 d1 + 2 d2
+        b = tl.join(tl.join(_dequant(lo, 1, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3),
+                            _dequant(hi, 5, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3)),
+                    tl.join(_dequant(lo, 3, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3),
+                            _dequant(hi, 7, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3)))
         t = tl.join(a, b)  # [R, C, 2, 2, 2]: j = 4 d1 + 2 d2 + d3
         return tl.reshape(t, [t.shape[0], t.shape[1] * 8])
     else:
-        t = tl.join(tl.join(_dequant(lo, 0, z, s, BITS, MASK, OFF, IEEE, dtype),
-                            _dequant(hi, 2, z, s, BITS, MASK, OFF, IEEE, dtype)),
-                    tl.join(_dequant(lo, 1, z, s, BITS, MASK, OFF, IEEE, dtype),
-                            _dequant(hi, 3, z, s, BITS, MASK, OFF, IEEE, dtype)))  # j = 2 d1 + d2
+        t = tl.join(tl.join(_dequant(lo, 0, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3),
+                            _dequant(hi, 2, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3)),
+                    tl.join(_dequant(lo, 1, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3),
+                            _dequant(hi, 3, z, s, BITS, MASK, OFF, IEEE, dtype, LOP3)))  # j = 2 d1 + d2
         return tl.reshape(t, [t.shape[0], t.shape[1] * 4])
 
 
@@ -294,9 +308,9 @@ def _x_columns(x_row, offs_kw, kw_mask, VALS: tl.constexpr, EVEN_K: tl.constexpr
 
 @triton.jit
 def _row_update(acc, lo, hi, x_row, offs_kw, kw_mask, s, z, cs, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                ZP_SUM: tl.constexpr, EVEN_K: tl.constexpr, VEC_X: tl.constexpr):
+                ZP_SUM: tl.constexpr, EVEN_K: tl.constexpr, VEC_X: tl.constexpr, LOP3: tl.constexpr):
     """One activation row against the tile's words: value j of every word meets input
-    ``VALS * w + j`` (one AND and one multiply-add make it the float ``q - off``, ``_field``; one
+    ``VALS * w + j`` (one LOP3 and one multiply-add make it the float ``q - off``, ``_field``; one
     FMA uses it), and the [BN, BKW] products go into the row's accumulator of the same shape,
     each thread its own: no reduction across threads and no barrier until the end. ``cs``: the
     field constants (``_negated_offsets``), with the zero points where they are one per row;
@@ -309,11 +323,11 @@ def _row_update(acc, lo, hi, x_row, offs_kw, kw_mask, s, z, cs, BITS: tl.constex
     MASK: tl.constexpr = (1 << BITS) - 1
     xs = _x_columns(x_row, offs_kw, kw_mask, VALS, EVEN_K, VEC_X)
     if PER_CHANNEL:
-        t = tl.fma(_field(lo, 0, BITS, HALF, MASK, cs[0]), xs[0][None, :], acc)
+        t = tl.fma(_field(lo, 0, BITS, HALF, MASK, cs[0], LOP3), xs[0][None, :], acc)
     else:
-        t = _field(lo, 0, BITS, HALF, MASK, cs[0]) * xs[0][None, :]
+        t = _field(lo, 0, BITS, HALF, MASK, cs[0], LOP3) * xs[0][None, :]
     for j in tl.static_range(1, VALS):
-        t = tl.fma(_field(lo if j < HALF else hi, j, BITS, HALF, MASK, cs[j % HALF]), xs[j][None, :], t)
+        t = tl.fma(_field(lo if j < HALF else hi, j, BITS, HALF, MASK, cs[j % HALF], LOP3), xs[j][None, :], t)
     if PER_CHANNEL:
         return t
     elif ZP_SUM:
@@ -327,7 +341,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, LOP3: tl.constexpr = False):
     """Works on the packed words in place (``_row_update``), for 1-4 activation rows (BM; rows past
     M repeat row M - 1 and are not stored). The next tile's words are loaded before this one is
     used (software pipelining by hand), under a predicate and with no fill value: rows past N and
@@ -373,16 +387,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                 cs = _negated_offsets(OFF, BITS)
             else:
                 cs = _negated_offsets(z + OFF, BITS)
-        lo, hi = _exponent_words(words)
-        acc0 = _row_update(acc0, lo, hi, x_ptr, offs_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X)
+        lo, hi = _exponent_words(words, LOP3)
+        acc0 = _row_update(acc0, lo, hi, x_ptr, offs_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X,
+                           LOP3)
         if BM > 1:
             acc1 = _row_update(acc1, lo, hi, x_ptr + stride_xm, offs_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM,
-                               EVEN_K, VEC_X)
+                               EVEN_K, VEC_X, LOP3)
         if BM > 2:
             acc2 = _row_update(acc2, lo, hi, x_ptr + 2 * stride_xm, offs_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL,
-                               ZP_SUM, EVEN_K, VEC_X)
+                               ZP_SUM, EVEN_K, VEC_X, LOP3)
             acc3 = _row_update(acc3, lo, hi, x_ptr + tl.minimum(3, M - 1) * stride_xm, offs_kw, kw_mask, s, z, cs,
-                               BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X)
+                               BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X, LOP3)
         offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
     acc = tl.where(offs_m[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
     if BM > 1:
@@ -399,7 +414,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-                ONE_DOT: tl.constexpr):
+                ONE_DOT: tl.constexpr, LOP3: tl.constexpr = False):
     """Dequantize a [BN, BK] tile in registers and multiply on the tensor cores. ONE_DOT: the
     values are joined back into the inputs' order for a single dot per tile (2 barriers per tile
     in the compiled loop, inputs loaded asynchronously); otherwise one dot per value position
@@ -428,9 +443,9 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
                                VALS, GROUP, HAS_ZP, ONE_GROUP, GROUP // VALS)
             if ONE_GROUP and HAS_ZP:
                 z = z[:, None]
-        lo, hi = _exponent_words(words)
+        lo, hi = _exponent_words(words, LOP3)
         if ONE_DOT:  # one [BN, BK] tile in the inputs' order, one dot (one layout change)
-            w = _dequant_tile(lo, hi, z, s, BITS, MASK, OFF, IEEE, x_ptr.dtype.element_ty)
+            w = _dequant_tile(lo, hi, z, s, BITS, MASK, OFF, IEEE, x_ptr.dtype.element_ty, LOP3)
             offs_k = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
@@ -440,7 +455,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
                 acc += tl.dot(x, tl.trans(w))
         else:  # one dot per value position over the inputs VALS*w + j (fewer instructions, more barriers)
             for j in tl.static_range(VALS):
-                w = _dequant(lo if j < VALS // 2 else hi, j, z, s, BITS, MASK, OFF, IEEE, x_ptr.dtype.element_ty)
+                w = _dequant(lo if j < VALS // 2 else hi, j, z, s, BITS, MASK, OFF, IEEE, x_ptr.dtype.element_ty, LOP3)
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_kw * VALS + j)[None, :],
                             mask=m_mask[:, None] & kw_mask[None, :], other=0)
                 if IEEE:
@@ -514,7 +529,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
     thread loads 16-byte pieces of 4 words, so ``BK / 32`` threads share a row. At 1 row with
     groups each thread takes 2 rows (8 warps from 128-input tiles, else 4): half the registers
     of 4 rows per thread, so twice the loads in flight per SM, for more instructions per weight
-    (5.1 at g128 on sm_90; ``gemv_register_cap`` keeps it at 64 registers). In the sweeps (of
+    (4.55 at g128 on sm_90; ``gemv_register_cap`` keeps it at 64 registers). In the sweeps (of
     the kernel before the per-thread accumulators) this was the fastest config or within 8%
     of it in all 7 shapes (Llama-3-8B's at g128, the demo's at g64), and 1.06-1.35x faster than
     4 rows per thread with 4 warps, which per-channel tiles and 2 activation rows keep (not
@@ -560,9 +575,10 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
     """The register cap the GEMV launches with, or None: the registers of the kernel the H100
     sweeps measured, for the heuristic's decode tiles of 8 warps (one activation row, at most 2
     output rows per thread, tiles inside one group). Without zero points 64, so 4 programs fit
-    an SM: uncapped, ptxas takes 72-76 and an SM holds 3, for 0.2 instructions per weight fewer;
-    capped, it spills one value (Triton 3.6) or none (3.9). With zero points 80 (Triton 3.6
-    takes 96 uncapped: 2 programs per SM instead of 3; no spills). Not capped: 4-warp tiles
+    an SM: uncapped, ptxas takes 75-80 and an SM holds 3, for 0.05 instructions per weight fewer
+    (4.50 against 4.55; no spills either way, Triton 3.6 and 3.9). With zero points 80 (Triton
+    3.6 takes 96 uncapped: 2 programs per SM instead of 3; no spills with the two-instruction
+    field form, see ``field_lop3``). Not capped: 4-warp tiles
     (70-80 registers, 6-7 programs per SM; a cap of 64 spills inside the loop), tiles spanning
     groups (a cap spills with 3.6)."""
     threads_per_row = max(1, BK * bits // 32 // 4)
@@ -570,6 +586,15 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
     if M != 1 or per_channel or num_warps < 8 or rows_per_thread > 2 or BK > group or group % BK:
         return None
     return 80 if has_zp else 64
+
+
+def field_lop3(kernel: str, has_zp: bool, reg_cap: int | None, ptx: bool = PTX) -> bool:
+    """Whether the kernel takes each value out of its word with one inline PTX ``lop3`` (``_field``):
+    on sm_90 that is 0.3-0.5 fewer instructions per weight in the GEMV (g128: 5.05 -> 4.55) and
+    0.2-0.5 in the MMA kernel, with Triton 3.6 and 3.9 alike. Not in the GEMV with zero points
+    under a register cap, whose 80 registers then spill 80 bytes with Triton 3.9 (none with the
+    two-instruction form), nor where no PTX runs (the interpreter, AMD GPUs)."""
+    return ptx and not (kernel == "gemv" and has_zp and bool(reg_cap))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -616,12 +641,13 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                                                                           has_zp, per_channel, group)
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True),
                                                                  "EVEN_K": K % cfg["BK"] == 0,
+                                                                 "LOP3": field_lop3("gemv", has_zp, cap),
                                                                  **({"maxnreg": cap} if cap else {})}
     # Triton 3.6 fails to compile the joined tile (one dot) at 64-row tiles when the scales change
     # inside a K tile ("Illegal shared layout"; 3.9 compiles it): those take a dot per value position.
     one_dot = cfg.get("ONE_DOT", True) and not (bm == 64 and not per_channel and group % cfg["BK"])
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
-        **consts, "IEEE": ieee, "ONE_DOT": one_dot, "num_stages": 2}
+        **consts, "IEEE": ieee, "ONE_DOT": one_dot, "LOP3": field_lop3("mma", has_zp, None), "num_stages": 2}
 
 
 def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

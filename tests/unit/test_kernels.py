@@ -420,6 +420,23 @@ def test_decode_gemv_register_cap_and_its_override():
     assert rel_err(capped, reference_quant_matmul(x, w, s, z, 4, 128)) < TOL[torch.bfloat16]
 
 
+def test_one_lop3_per_value_where_ptx_runs():
+    """Values come out of their words by one inline PTX lop3 each on NVIDIA GPUs, except in the
+    GEMV with zero points under a register cap (it spills there); the interpreter and AMD GPUs
+    take the two-instruction form, and a launch plans what the GPU it is on can run."""
+    from inferkit.kernels import quant_matmul as qm
+
+    assert qm.field_lop3("gemv", False, 64, ptx=True)
+    assert qm.field_lop3("gemv", True, None, ptx=True)  # zero points, uncapped
+    assert not qm.field_lop3("gemv", True, 80, ptx=True)  # zero points, capped
+    assert qm.field_lop3("mma", True, None, ptx=True)
+    assert not any(qm.field_lop3(k, zp, None, ptx=False) for k in ("gemv", "mma") for zp in (False, True))
+    dev = torch.device(DEVICE)
+    for M in (1, 16):
+        consts = qm._plan(M, 256, 512, 64, 4, 4, 128, torch.bfloat16, dev, False, False, None)[-1]
+        assert consts["LOP3"] is (DEVICE == "cuda" and torch.version.hip is None)  # interpreted on a CPU: False
+
+
 @pytest.mark.parametrize("M", [1, 2, 3])
 def test_quant_matmul_bf16_inputs_at_any_offset_and_row_stride(M):
     """The decode kernel reads bf16 inputs as int32 pairs: a view that starts at an odd element or
