@@ -414,6 +414,12 @@ def test_decode_gemv_register_cap_and_its_override():
     assert "maxnreg" not in plan(1, False, config=(("BN", 256),) + cfg[1:])  # 4 rows per thread
     assert "maxnreg" not in plan(1, False, config=cfg + (("REG_CAP", 0),))
     assert plan(1, True, config=cfg + (("REG_CAP", 96),))["maxnreg"] == 96
+    # inputs addressed from a pointer stepping with the tile: uncapped tiles inside one group
+    assert not plan(1, False, config=cfg)["X_STEP"]
+    assert plan(1, False, config=cfg + (("REG_CAP", 0),))["X_STEP"]
+    assert plan(1, True, config=(("BN", 64),) + cfg[1:3] + (("num_warps", 4),))["X_STEP"]
+    assert not plan(1, False, 64, config=cfg)["X_STEP"]  # two groups per tile
+    assert not plan(1, False, None, config=cfg)["X_STEP"]  # per channel
     x, w, s, z = quant_case(1, 256, 512, 4, 128, False, torch.bfloat16, seed=12)
     capped = quant_matmul(x, w, s, z, 4, 128, config=dict(cfg))
     assert torch.equal(capped, quant_matmul(x, w, s, z, 4, 128, config={**dict(cfg), "REG_CAP": 0}))
