@@ -582,8 +582,9 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
     """The register cap the GEMV launches with, or None: the registers of the kernel the H100
     sweeps measured, for the heuristic's decode tiles of 8 warps (one activation row, at most 2
     output rows per thread, tiles inside one group). Without zero points 64, so 4 programs fit
-    an SM: uncapped, ptxas takes 75-80 and an SM holds 3, for 0.05 instructions per weight fewer
-    (4.50 against 4.55; no spills either way, Triton 3.6 and 3.9). With zero points 80 (Triton
+    an SM: uncapped, ptxas takes 76-80 and an SM holds 3, for 0.2 instructions per weight fewer
+    (4.34 against 4.55, the uncapped tile also stepping its input pointer, ``gemv_input_step``;
+    no spills either way, Triton 3.6 and 3.9). With zero points 80 (Triton
     3.6 takes 96 uncapped: 2 programs per SM instead of 3; no spills with the two-instruction
     field form, see ``field_lop3``). Not capped: 4-warp tiles
     (70-80 registers, 6-7 programs per SM; a cap of 64 spills inside the loop), tiles spanning
@@ -598,8 +599,9 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
 def gemv_input_step(reg_cap: int | None, per_channel: bool, group: int, BK: int) -> bool:
     """Whether the GEMV addresses its inputs from a pointer stepping with the tile (``X_STEP``):
     in uncapped tiles inside one group. On sm_90 that is 0.1-0.4 fewer instructions per weight
-    there, in as many registers or fewer (the demo's g64 tiles with zero points: 5.27 -> 5.11
-    with Triton 3.6, in 80 registers instead of 93). Under a register cap the extra live pointer
+    there (the demo's g64 tiles with zero points: 5.27 -> 5.11 with Triton 3.6, in 80 registers
+    instead of 93; 4.86 -> 4.73 with 3.9, 96 instead of 104), mostly in as many registers or
+    fewer (2 activation rows with 3.9: 80 instead of 72). Under a register cap the extra live pointer
     makes ptxas spill (16-24 bytes at 64 registers); in tiles spanning groups Triton 3.9 takes 99
     registers instead of 80 for it (3 programs of 8 warps per SM become 2)."""
     return not reg_cap and not per_channel and BK <= group and group % BK == 0
