@@ -591,9 +591,14 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
     groups (a cap spills with 3.6)."""
     threads_per_row = max(1, BK * bits // 32 // 4)
     rows_per_thread = BN * threads_per_row / (32 * num_warps)
-    if M != 1 or per_channel or num_warps < 8 or rows_per_thread > 2 or BK > group or group % BK:
+    if M != 1 or num_warps < 8 or rows_per_thread > 2 or not _tiles_in_one_group(per_channel, group, BK):
         return None
     return 80 if has_zp else 64
+
+
+def _tiles_in_one_group(per_channel: bool, group: int, BK: int) -> bool:
+    """Whether every K tile lies inside one quantization group (the kernels' ``ONE_GROUP``)."""
+    return not per_channel and BK <= group and group % BK == 0
 
 
 def gemv_input_step(reg_cap: int | None, per_channel: bool, group: int, BK: int) -> bool:
@@ -604,7 +609,7 @@ def gemv_input_step(reg_cap: int | None, per_channel: bool, group: int, BK: int)
     fewer (2 activation rows with 3.9: 80 instead of 72). Under a register cap the extra live pointer
     makes ptxas spill (16-24 bytes at 64 registers); in tiles spanning groups Triton 3.9 takes 99
     registers instead of 80 for it (3 programs of 8 warps per SM become 2)."""
-    return not reg_cap and not per_channel and BK <= group and group % BK == 0
+    return not reg_cap and _tiles_in_one_group(per_channel, group, BK)
 
 
 def field_lop3(kernel: str, has_zp: bool, reg_cap: int | None, ptx: bool = PTX) -> bool:
@@ -614,6 +619,16 @@ def field_lop3(kernel: str, has_zp: bool, reg_cap: int | None, ptx: bool = PTX) 
     under a register cap, whose 80 registers then spill 80 bytes with Triton 3.9 (none with the
     two-instruction form), nor where no PTX runs (the interpreter, AMD GPUs)."""
     return ptx and not (kernel == "gemv" and has_zp and bool(reg_cap))
+
+
+def gemv_options(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool, group: int,
+                 even_k: bool, reg_cap: int | None = None, ptx: bool = PTX) -> dict:
+    """The GEMV's launch options that follow from its tile: ``EVEN_K``, ``LOP3``, ``X_STEP`` and
+    ``maxnreg`` (absent when uncapped). ``reg_cap``: a config's ``REG_CAP`` (0: none); None lets
+    ``gemv_register_cap`` decide."""
+    cap = gemv_register_cap(M, bits, BN, BK, num_warps, has_zp, per_channel, group) if reg_cap is None else reg_cap
+    return {"EVEN_K": even_k, "LOP3": field_lop3("gemv", has_zp, cap, ptx),
+            "X_STEP": gemv_input_step(cap, per_channel, group, BK), **({"maxnreg": cap} if cap else {})}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -656,14 +671,9 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
     if gemv:
-        cap = cfg["REG_CAP"] if "REG_CAP" in cfg else gemv_register_cap(M, bits, bn, cfg["BK"], cfg["num_warps"],
-                                                                          has_zp, per_channel, group)
-        return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True),
-                                                                 "EVEN_K": K % cfg["BK"] == 0,
-                                                                 "LOP3": field_lop3("gemv", has_zp, cap),
-                                                                 "X_STEP": gemv_input_step(cap, per_channel, group,
-                                                                                           cfg["BK"]),
-                                                                 **({"maxnreg": cap} if cap else {})}
+        options = gemv_options(M, bits, bn, cfg["BK"], cfg["num_warps"], has_zp, per_channel, group,
+                               K % cfg["BK"] == 0, cfg.get("REG_CAP"))
+        return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
     # Triton 3.6 fails to compile the joined tile (one dot) at 64-row tiles when the scales change
     # inside a K tile ("Illegal shared layout"; 3.9 compiles it): those take a dot per value position.
     one_dot = cfg.get("ONE_DOT", True) and not (bm == 64 and not per_channel and group % cfg["BK"])
