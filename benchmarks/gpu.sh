@@ -28,7 +28,7 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; add tune, profile for 4, 5
+PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; add tune, profile, steps for 4-6
 # 1. Tests: every kernel against its reference (compiled, not interpreted), the runtime on CUDA.
 if [[ $PARTS == *tests* ]]; then
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"
@@ -75,4 +75,14 @@ if [[ $PARTS == *profile* ]]; then
     done
   fi
   echo "[profile done at ${SECONDS}s]"
+fi
+# 6. (Only when GPU_PARTS names it.) Where the demo-shaped W4 model's decode steps spend their GPU
+#    time against bf16's (the W4 load test serves 999 tok/s against bf16's 4464): top kernels.
+if [[ $PARTS == *steps* ]]; then
+  [ -d /tmp/ik-gpu/w4 ] || timeout 120 python benchmarks/gpu_runtime.py --config .gpu/demo --build-only
+  for model in fp32 w4; do
+    timeout 90 python benchmarks/gpu_profile.py --model /tmp/ik-gpu/$model --dtype bfloat16 --batch 16 2>&1 \
+      | grep -v "Loading weights" | tee -a "$OUT/steps_profile.txt" | head -20
+  done
+  echo "[steps done at ${SECONDS}s]"
 fi
