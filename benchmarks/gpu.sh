@@ -82,7 +82,7 @@ if [[ $PARTS == *steps* ]]; then
   [ -d /tmp/ik-gpu/w4 ] || timeout 120 python benchmarks/gpu_runtime.py --config .gpu/demo --build-only
   for model in fp32 w4; do
     timeout 90 python benchmarks/gpu_profile.py --model /tmp/ik-gpu/$model --dtype bfloat16 --batch 16 2>&1 \
-      | grep -v "Loading weights" | tee -a "$OUT/steps_profile.txt" | head -20
+      | grep -v "Loading weights" | tee -a "$OUT/steps_profile.txt"
   done
   echo "[steps done at ${SECONDS}s]"
 fi
