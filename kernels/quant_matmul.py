@@ -366,7 +366,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    cs_ch = _negated_offsets(OFF, BITS)
+    cs_off = _negated_offsets(OFF, BITS)  # the field constants without zero points in them
+    cs_ch = cs_off
     if PER_CHANNEL and HAS_ZP:
         cs_ch = _per_row(_negated_offsets(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32) + OFF,
                                           BITS), BITS)
@@ -386,10 +387,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
             # Loaded as [BN] rows instead, they took a layout change per constant in 4-warp tiles.
             s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW,
                                VALS, GROUP, HAS_ZP, ONE_GROUP and not HAS_ZP, GROUP // VALS)
-            if not HAS_ZP or ZP_SUM:
-                cs = _negated_offsets(OFF, BITS)
-            else:
-                cs = _negated_offsets(z + OFF, BITS)
+            cs = _negated_offsets(z + OFF, BITS) if HAS_ZP and not ZP_SUM else cs_off
         lo, hi = _exponent_words(words, LOP3)
         if X_STEP:
             x_tile, x_kw = x_ptr + k0, tl.arange(0, BKW)

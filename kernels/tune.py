@@ -244,13 +244,14 @@ def sweep(problem: Problem, M: int, dtype: torch.dtype, configs: list[dict], cop
 
 def best_entry(problem: Problem, M: int, rows: list[dict]) -> dict | None:
     """The table entry for the fastest correct config (``heuristic_us``: the heuristic's time)."""
+    from inferkit.kernels import tuned
+
     timed = [r for r in rows if r["us"] is not None]
     if not timed:
         return None
     best = min(timed, key=lambda r: r["us"])
     entry = {"bits": problem.bits, "group": problem.group, "K": problem.K, "N": problem.N, "M": M,
-             **{k: best[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL", "REG_CAP")
-                if k in best},
+             **{k: best[k] for k in tuned.TILE + tuned.OPTIONAL if k in best},
              "us": round(best["us"], 2)}
     if rows[0]["us"] is not None:  # candidates() puts the heuristic's config first
         entry["heuristic_us"] = round(rows[0]["us"], 2)

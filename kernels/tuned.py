@@ -33,6 +33,8 @@ from pathlib import Path
 ENV = "INFERKIT_KERNEL_CONFIGS"
 PACKAGED = Path(__file__).with_name("configs")
 _INTS = ("bits", "group", "K", "N", "M", "BN", "BK", "SPLIT_K", "num_warps")
+TILE = ("BN", "BK", "SPLIT_K", "num_warps")  # a config's keys an entry always has
+OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP")  # and those it may have
 
 
 def slug(device_name: str) -> str:
@@ -136,9 +138,7 @@ def lookup(M: int, N: int, K: int, group: int, bits: int, device_name: str | Non
     e = _index(device_name).get((bits, group, N, K, bucket(M)))
     if e is None:
         return None
-    cfg = {k: e[k] for k in ("BN", "BK", "SPLIT_K", "num_warps")}
-    cfg.update({k: e[k] for k in ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP") if k in e})
-    return cfg
+    return {k: e[k] for k in TILE + OPTIONAL if k in e}
 
 
 def check_override() -> int:
