@@ -57,10 +57,18 @@ class KVCache:
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+              padded: bool = False) -> None:
         """K/V [T, KVH, D] of new tokens into their slots (the PyTorch path; with the Triton
-        attention backend the RoPE kernel writes them, ``inferkit.kernels.fused.rope_store``)."""
+        attention backend the RoPE kernel writes them, ``inferkit.kernels.fused.rope_store``).
+        ``padded``: rows with slot -1 (a CUDA graph's padding rows) may occur; they write zeros
+        into the pool's zero slot, which keeps it zero, instead of indexing out of bounds."""
         kc, vc = self.k[layer], self.v[layer]
+        if padded:
+            keep = slot_mapping >= 0
+            slot_mapping = torch.where(keep, slot_mapping, self.zero_slot)
+            keep = keep[:, None, None]
+            k, v = torch.where(keep, k, 0), torch.where(keep, v, 0)
         kc.view(-1, *kc.shape[2:]).index_copy_(0, slot_mapping, k)
         vc.view(-1, *vc.shape[2:]).index_copy_(0, slot_mapping, v)
 

@@ -212,7 +212,7 @@ class RuntimeModel:
                 qkv = qkv.view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
                 qk = apply_rope(qkv[:, : s.num_heads + s.num_kv_heads], cos, sin)  # q and k heads at once
                 q, k = qk[:, : s.num_heads], qk[:, s.num_heads:]
-                cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping)
+                cache.store(i, k, qkv[:, s.num_heads + s.num_kv_heads:], meta.slot_mapping, padded=meta.triton)
             o = paged_attention(q, cache, i, meta, self.scale)
             x = add_norm(h, layer.post_norm, s.rms_norm_eps, layer.o(o.reshape(-1, self.q_size)))
             gate_up = layer.gate_up(x)

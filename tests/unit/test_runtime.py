@@ -161,6 +161,26 @@ def test_packed_kernel_limits_fall_back_to_the_exact_path(artifacts, monkeypatch
     assert torch.equal(llm.score(list(range(3, 40))), exact)
 
 
+def test_kv_store_skips_padding_rows_and_keeps_the_zero_block_zero():
+    """The PyTorch K/V write as a CUDA graph's padding rows (slot -1) reach it: the real rows land in
+    their slots, the padding rows change nothing (no out-of-bounds index, the zero block stays zero)."""
+    from inferkit.runtime.attention import KVCache
+
+    cache = KVCache(2, num_blocks=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+    cache.k.zero_()
+    cache.v.zero_()
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(4, 2, 8, generator=g) + 5, torch.randn(4, 2, 8, generator=g) - 5
+    slots = torch.tensor([7, -1, 0, -1])
+    cache.store(1, k, v, slots, padded=True)
+    flat_k, flat_v = cache.k[1].view(-1, 2, 8), cache.v[1].view(-1, 2, 8)
+    assert torch.equal(flat_k[7], k[0]) and torch.equal(flat_k[0], k[2])
+    assert torch.equal(flat_v[7], v[0]) and torch.equal(flat_v[0], v[2])
+    written = flat_k.abs().sum((1, 2)) > 0
+    assert written.nonzero().flatten().tolist() == [0, 7]  # the zero block (slots 12-15) too stays zero
+    assert not cache.k[0].any() and not cache.v[0].any()
+
+
 def test_seeded_sampling_is_reproducible_in_any_batch(tiny_llama):
     llm = LLM(tiny_llama)
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, max_tokens=16, seed=7, ignore_eos=True)
