@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -629,6 +630,16 @@ def gemv_options(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bo
             "X_STEP": gemv_input_step(cap, per_channel, group, BK), **({"maxnreg": cap} if cap else {})}
 
 
+def mma_one_dot(requested: bool, BM: int, BN: int, BK: int, num_warps: int, per_channel: bool, group: int) -> bool:
+    """Whether the MMA kernel joins a tile for one dot (``ONE_DOT``) as ``requested``. Triton 3.6
+    and 3.9 alike fail to compile the joined tile ("Illegal shared layout") at 64-row tiles with one
+    scale group per K tile (the group a multiple of BK) when a warp spans 32 output columns (BN /
+    num_warps == 32); every other 64-row tile of BN 64-256, BK 64-128, groups 32-128 and 4 or 8
+    warps compiles, as checked for sm_90 without a GPU. Those take a dot per value position (and
+    ``quant_matmul`` falls back to it too if a joined tile fails to compile anyway)."""
+    return requested and not (BM == 64 and not per_channel and group % BK == 0 and BN // num_warps == 32)
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | None, dtype: torch.dtype,
           device: torch.device, has_zp: bool, has_bias: bool, config: tuple | None) -> tuple:
@@ -672,9 +683,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         options = gemv_options(M, bits, bn, cfg["BK"], cfg["num_warps"], has_zp, per_channel, group,
                                K % cfg["BK"] == 0, cfg.get("REG_CAP"))
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
-    # Triton 3.6 fails to compile the joined tile (one dot) at 64-row tiles when the scales change
-    # inside a K tile ("Illegal shared layout"; 3.9 compiles it): those take a dot per value position.
-    one_dot = cfg.get("ONE_DOT", True) and not (bm == 64 and not per_channel and group % cfg["BK"])
+    one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
         **consts, "IEEE": ieee, "ONE_DOT": one_dot, "LOP3": field_lop3("mma", has_zp, None), "num_stages": 2}
 
@@ -709,9 +718,20 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     z = zero_point if zero_point is not None else scale
-    kernel[grid](x, w_packed, scale, z, bias if bias is not None else scale, out, ws,
-                 counters if counters is not None else out, M, N, K, KW, scale.shape[1], x.stride(0),
-                 w_packed.stride(0), scale.stride(0), z.stride(0), N, **consts)
+    args = (x, w_packed, scale, z, bias if bias is not None else scale, out, ws, counters if counters is not None else out,
+            M, N, K, KW, scale.shape[1], x.stride(0), w_packed.stride(0), scale.stride(0), z.stride(0), N)
+    try:
+        kernel[grid](*args, **consts)
+    except RuntimeError as exc:  # a compile failure comes before any launch: nothing ran
+        if not consts.get("ONE_DOT"):
+            raise
+        # A joined tile this Triton cannot compile (mma_one_dot knows the cases seen): this launch
+        # and the cached plan's later ones take a dot per value position.
+        consts["ONE_DOT"] = False
+        warnings.warn(f"quant_matmul: the joined-tile MMA failed to compile for M={M} N={N} K={K} "
+                      f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); using a dot per value",
+                      RuntimeWarning, stacklevel=2)
+        kernel[grid](*args, **consts)
     return out
 
 

@@ -107,7 +107,7 @@ def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, 
                         num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False, one_dot: bool = True,
                         vec_x: bool = True, even_k: bool = True):
     """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations)."""
-    from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel, field_lop3, gemv_options
+    from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel, field_lop3, gemv_options, mma_one_dot
 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, HAS_BIAS=False, BN=BN, BK=BK,
                   SPLIT_K=split)
@@ -117,6 +117,7 @@ def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, 
         return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M), "VEC_X": vec_x, **options},
                            num_warps=num_warps, divisible=GEMV_DIVISIBLE, maxnreg=cap)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    one_dot = mma_one_dot(one_dot, bm, BN, BK, num_warps, False, group)  # as quant_matmul launches it
     return compile_for(_mma_kernel, GEMV_SIG, {**consts, "BM": bm, "IEEE": mma_ieee, "ONE_DOT": one_dot,
                                                "LOP3": field_lop3("mma", zero_points, None, ptx=True)},
                        num_warps=num_warps, num_stages=2, divisible=GEMV_DIVISIBLE)

@@ -270,13 +270,13 @@ def test_quant_matmul_bias_larger_batch_and_a_non_power_of_two_input():
     assert rel_err(quant_matmul(x, w, s, z, 8, None), reference_quant_matmul(x, w, s, z, 8, None)) < 1e-5
 
 
-@pytest.mark.parametrize("M, group, bits, one_dot", [(64, 32, 4, False), (64, 64, 4, False), (64, 128, 4, True),
-                                                     (64, 32, 8, False), (64, 64, 8, True), (64, None, 8, True),
+@pytest.mark.parametrize("M, group, bits, one_dot", [(64, 32, 4, True), (64, 64, 4, True), (64, 128, 4, False),
+                                                     (64, 32, 8, True), (64, 64, 8, False), (64, None, 8, True),
                                                      (32, 64, 4, True)])
-def test_quant_matmul_64_row_tiles_with_scales_inside_a_k_tile_take_a_dot_per_value(M, group, bits, one_dot):
-    """Triton 3.6 cannot compile the joined tile at 64-row tiles when the scales change inside a
-    K tile (seen on an H100 with the GPU image's Triton): those launches take the other path, and
-    still give the reference's numbers."""
+def test_quant_matmul_64_row_tiles_the_compiler_rejects_joined_take_a_dot_per_value(M, group, bits, one_dot):
+    """Triton (3.6 and 3.9) cannot compile the joined tile at 64-row tiles with one scale group per
+    K tile when a warp spans 32 columns (seen on an H100, then mapped by compiling for sm_90, see
+    test_kernels_sm90): those launches take the other path, and still give the reference's numbers."""
     from inferkit.kernels import quant_matmul as qm
 
     K = 512
@@ -285,6 +285,35 @@ def test_quant_matmul_64_row_tiles_with_scales_inside_a_k_tile_take_a_dot_per_va
     assert consts["BM"] == M and consts["ONE_DOT"] is one_dot
     x, w, s, z = quant_case(M, 64, K, bits, group, False, torch.float16, seed=M + bits)
     assert rel_err(quant_matmul(x, w, s, z, bits, group), reference_quant_matmul(x, w, s, z, bits, group)) < 2e-3
+
+
+def test_quant_matmul_falls_back_to_a_dot_per_value_when_the_joined_tile_fails_to_compile(monkeypatch):
+    """A joined tile the compiler rejects in a case mma_one_dot does not know: a warning, the same
+    numbers from the dot-per-value form, and the cached plan launches that form from then on."""
+    from inferkit.kernels import quant_matmul as qm
+
+    real, launched = qm._mma_kernel, []
+
+    class Rejecting:  # the kernel as a Triton that cannot compile ONE_DOT would run it
+        def __getitem__(self, grid):
+            def launch(*args, **consts):
+                launched.append(consts["ONE_DOT"])
+                if consts["ONE_DOT"]:
+                    raise RuntimeError("PassManager::run failed")
+                return real[grid](*args, **consts)
+            return launch
+
+    monkeypatch.setattr(qm, "_mma_kernel", Rejecting())
+    qm._plan.cache_clear()
+    try:
+        x, w, s, z = quant_case(16, 64, 256, 4, 64, False, torch.float16, seed=3)
+        with pytest.warns(RuntimeWarning, match="joined-tile MMA failed to compile for M=16 N=64 K=256"):
+            out = quant_matmul(x, w, s, z, 4, 64)
+        assert rel_err(out, reference_quant_matmul(x, w, s, z, 4, 64)) < 2e-3
+        assert torch.equal(quant_matmul(x, w, s, z, 4, 64), out)  # no second warning, no second try
+        assert launched == [True, False, False]
+    finally:
+        qm._plan.cache_clear()
 
 
 def test_shipped_tables_are_served_for_their_gpu(monkeypatch):

@@ -87,3 +87,27 @@ def test_fused_elementwise_kernels_compile_without_spills(report):
         for s in ("Llama-3-8B", "SmolLM2-135M", "Llama-3-70B"))
     for r in fused:  # RoPE takes 8 heads per program: its registers do not grow with the model's heads
         assert r["spill_bytes"] == 0 and r["registers"] <= (64 if r["kernel"] == "rope_store" else 128), r
+
+
+MMA_64_ROW_TILES = [  # (bits, group, BN, BK, num_warps, joined tile?) as mma_one_dot decides; BK >= 16 words
+    (4, 128, 128, 128, 4, False), (8, 64, 128, 64, 4, False), (4, 128, 256, 128, 8, False), (8, 128, 256, 64, 8, False),
+    (4, 64, 128, 128, 4, True), (4, 128, 256, 128, 4, True), (4, 128, 64, 128, 4, True), (4, 128, 128, 128, 8, True)]
+
+
+def test_64_row_mma_tiles_compile_as_launched():
+    """The joined tile fails to compile ("Illegal shared layout", Triton 3.6 and 3.9) at 64 rows,
+    one scale group per K tile and 32 columns per warp; quant_matmul launches those with a dot per
+    value position, and its neighbours keep the joined tile. Each compiles as launched."""
+    from inferkit.kernels.quant_matmul import mma_one_dot
+
+    for bits, group, bn, bk, warps, joined in MMA_64_ROW_TILES:
+        assert mma_one_dot(True, 64, bn, bk, warps, False, group) is joined
+    script = ("import json, sys\nfrom inferkit.kernels.sass import quant_matmul_kernel\n"
+              "for bits, group, bn, bk, warps, _ in json.loads(sys.argv[1]):\n"
+              "    quant_matmul_kernel(64, bits, group, bn, bk, num_warps=warps)\n"
+              "    print('compiled', bits, group, bn, bk, warps, flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(MMA_64_ROW_TILES)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("compiled") == len(MMA_64_ROW_TILES)
