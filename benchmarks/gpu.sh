@@ -28,7 +28,7 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; add tune, profile, steps for 4-6
+PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; e2e for 2b, sweep for 2c; add tune, profile, steps for 4-6
 # 1. Tests: every kernel against its reference (compiled, not interpreted), the runtime on CUDA.
 if [[ $PARTS == *tests* ]]; then
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"
@@ -46,6 +46,19 @@ if [[ $PARTS == *kernels* ]]; then
   echo "[kernels done at ${SECONDS}s]"
   # The sweep's fastest tiles (kernels/configs/ format): the runtime part below launches with them.
   [ -d "$OUT/tuned" ] && export INFERKIT_KERNEL_CONFIGS="$OUT/tuned"
+fi
+# 2b. (Only when GPU_PARTS names it.) The end-to-end decode alone (part 2's last step), after a fix
+#     there, without the kernel sweep.
+if [[ $PARTS == *e2e* ]]; then
+  timeout 240 python benchmarks/gpu_kernels.py --only-e2e --out "$OUT/gpu_e2e.json" --tokenizer .gpu/demo 2>&1 \
+    | grep -v "Loading weights" | tee "$OUT/gpu_e2e.log"
+  echo "[e2e done at ${SECONDS}s]"
+fi
+# 2c. (Only when GPU_PARTS names it.) The full tile grid for the INT4 GEMV at batch 1, 4096x14336.
+if [[ $PARTS == *sweep* ]]; then
+  timeout 260 python benchmarks/gpu_int4_sweep.py --out "$OUT/int4_sweep.json" --budget-s ${GPU_SWEEP_S:-210} 2>&1 \
+    | tee "$OUT/int4_sweep.log"
+  echo "[sweep done at ${SECONDS}s]"
 fi
 # 3. The runtime on the demo's shape (fp32, bf16, W8, W4): the issue-4 benchmark, now on the Triton kernels.
 if [[ $PARTS == *runtime* ]]; then

@@ -337,6 +337,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ik-gpu"))
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/demo"))
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--only-e2e", action="store_true", help="the end-to-end decode alone (part 4)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another revision's kernels/quant_matmul.py: its INT4 batch-1 time beside this one's")
@@ -348,6 +349,13 @@ def main() -> None:
     import triton
 
     results["triton"] = triton.__version__
+    if args.only_e2e:
+        args.work.mkdir(parents=True, exist_ok=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results["end_to_end"] = end_to_end(args.work, args.tokenizer)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print_summary(results)
+        return
     results["copy_gb_s"] = copy_bandwidth() / 1e9
     print(f"memory copy: {results['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     results["attention"] = attention(results["copy_gb_s"] * 1e9)
@@ -365,16 +373,20 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         results["end_to_end"] = end_to_end(args.work, args.tokenizer)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_summary(results)
+
+
+def print_summary(results: dict) -> None:
     print("\nsummary")
-    for r in results["attention"]:
+    for r in results.get("attention", []):
         print(f"  attention b{r['batch']:>2} ctx{r['context']:>5}: {r['triton_gb_s']:7.0f} GB/s = "
               f"{100 * r['triton_vs_copy']:5.1f}% of copy (graphed {r['triton_graphed_gb_s']:5.0f} GB/s = "
               f"{100 * r['triton_graphed_vs_copy']:5.1f}%); SDPA contiguous {r['sdpa_gb_s']:7.0f} GB/s")
-    for r in results["prefill"]:
+    for r in results.get("prefill", []):
         print(f"  prefill {r['chunks']} x {r['new_tokens']} new after {r['cached']:>4} cached: Triton "
               f"{r['triton_us']:8.1f} us ({r['triton_tflops']:.0f} TFLOP/s), PyTorch gather+SDPA {r['torch_us']:8.1f} us "
               f"({r['torch_tflops']:.0f}): {r['speedup']:.1f}x")
-    for r in results["matmul"]:
+    for r in results.get("matmul", []):
         print(f"  matmul {r['K']}x{r['N']} M={r['M']:>2}: bf16 {r['bf16_us']:7.1f} us, int8 {r['int8_us']:7.1f} us "
               f"({r['int8_speedup']:.2f}x), int4 {r['int4_us']:7.1f} us ({r['int4_speedup']:.2f}x); graphed: bf16 "
               f"{r['graphed_bf16_us']:6.1f}, int8 {r['graphed_int8_us']:6.1f} ({r['graphed_int8_speedup']:.2f}x), int4 "
@@ -401,12 +413,12 @@ def print_targets(results: dict) -> None:
     """The issue's three GPU targets, each with the figure that decides it."""
     verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     print("\ntargets")
-    att = [r for r in results["attention"] if r["batch"] == 64 and r["context"] == 4096]
+    att = [r for r in results.get("attention", []) if r["batch"] == 64 and r["context"] == 4096]
     if att:
         best = max(att[0]["triton_vs_copy"], att[0]["triton_graphed_vs_copy"])
         print(f"  paged decode attention, batch 64 x 4096: {100 * best:.1f}% of copy bandwidth (>= 70%): "
               f"{verdict(best >= 0.7)}")
-    mm = [r for r in results["matmul"] if (r["K"], r["N"], r["M"]) == (4096, 14336, 1)]
+    mm = [r for r in results.get("matmul", []) if (r["K"], r["N"], r["M"]) == (4096, 14336, 1)]
     if mm:
         r = mm[0]
         best = max(r["int4_speedup"], r["graphed_int4_speedup"], r.get("tuned_graphed_int4_speedup", 0))
