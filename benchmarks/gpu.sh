@@ -56,7 +56,7 @@ if [[ $PARTS == *e2e* ]]; then
 fi
 # 2c. (Only when GPU_PARTS names it.) The full tile grid for the INT4 GEMV at batch 1, 4096x14336.
 if [[ $PARTS == *sweep* ]]; then
-  timeout 260 python benchmarks/gpu_int4_sweep.py --out "$OUT/int4_sweep.json" --budget-s ${GPU_SWEEP_S:-210} 2>&1 \
+  timeout 260 python benchmarks/gpu_int4_sweep.py --out "$OUT/int4_sweep.json" --budget-s ${GPU_SWEEP_S:-210} ${GPU_SWEEP_ARGS:-} 2>&1 \
     | tee "$OUT/int4_sweep.log"
   echo "[sweep done at ${SECONDS}s]"
 fi
@@ -75,14 +75,15 @@ if [[ $PARTS == *tune* ]]; then
   echo "[tune done at ${SECONDS}s]"
 fi
 # 5. (Only when GPU_PARTS names it.) Nsight Compute on the INT4 decode GEMV at 4096x14336: memory
-#    throughput, occupancy and warp stalls, the heuristic's tiles, then the 4-rows-per-thread ones.
+#    throughput, occupancy, warp stalls and the memory chart: the H100 table's tiles, then the heuristic's.
 if [[ $PARTS == *profile* ]]; then
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   if [ -z "$ncu" ]; then
     echo "profile: no ncu on this machine"
   else
-    for cfg in "" '{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 4}'; do
-      timeout 90 "$ncu" --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    for cfg in "" '{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8}'; do
+      timeout 90 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+        --section MemoryWorkloadAnalysis --section SchedulerStats \
         -k regex:gemv --launch-skip 3 --launch-count 1 python benchmarks/gpu_int4_profile.py ${cfg:+--config "$cfg"} 2>&1 \
         | grep -vE "^==PROF==|^\s*$" | tee -a "$OUT/ncu_int4.txt" | grep -E "config|Duration|Memory Throughput|DRAM Through|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued"
     done
