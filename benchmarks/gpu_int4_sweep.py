@@ -5,9 +5,8 @@ quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x.
 
     python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200]
 
-(``GPU_PARTS=sweep benchmarks/gpu.sh`` runs this; ``GPU_SWEEP_ARGS="--stream --grid quick"`` times
-the stream-K GEMV's configs first.) Configs are tried in the grid's order until
-the time budget is spent; each row prints as it is timed, and the JSON holds every row, the
+(``GPU_PARTS=sweep benchmarks/gpu.sh`` runs this; ``GPU_SWEEP_ARGS`` adds options.) Configs are
+tried in the grid's order until the time budget is spent; each row prints as it is timed, and the JSON holds every row, the
 fastest correct config as a tuned-table entry, and its speedup over bf16.
 """
 
@@ -26,9 +25,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out/int4_sweep.json"))
     parser.add_argument("--shapes", default="4096x14336", help="KxN (inputs x outputs), comma-separated")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting configs after this long")
-    parser.add_argument("--grid", default="full", choices=("full", "quick"), help="tune-kernels' grid to start from")
-    parser.add_argument("--stream", action="store_true",
-                        help="stream-K first: GEMV tiles with 1-16 programs per SM sharing the work (STREAM_K)")
+    parser.add_argument("--grid", default="full", choices=("full", "quick"), help="tune-kernels' grid")
     args = parser.parse_args()
     from inferkit.kernels import tune
     from inferkit.quant.pack import pack_int32
@@ -51,13 +48,7 @@ def main() -> None:
         t_bf16 = tune.time_call(lambda i: (lambda: torch.matmul(x, copies16[i % len(copies16)].T)), b16, dev) * 1e6
         print(f"{K}x{N} bf16 graphed {t_bf16:.2f} us", flush=True)
         configs = tune.candidates(1, N, K, 128, 4, dev, args.grid if cuda else "smoke")
-        if args.stream:  # after the heuristic's config (the first), before the rest of the grid
-            tiles = [(64, 2), (128, 4), (128, 8), (256, 8), (64, 4), (32, 2)] if cuda else [(16, 1)]
-            stream = [{"BN": bn, "BK": 128, "SPLIT_K": 1, "num_warps": w, "VEC_X": True, "STREAM_K": p}
-                      for bn, w in tiles for p in ((1, 2, 3, 4, 6, 8, 16) if cuda else (1, 3))]
-            configs = configs[:1] + stream + configs[1:]
-        else:
-            configs += [{**c, "REG_CAP": 0} for c in configs if "REG_CAP" not in c and c.get("KERNEL", "gemv") == "gemv"]
+        configs += [{**c, "REG_CAP": 0} for c in configs if "REG_CAP" not in c and c.get("KERNEL", "gemv") == "gemv"]
         copies = tune.operand_copies(problem, dev)
         rows = []
         for cfg in tune._unique(configs):

@@ -342,8 +342,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr,
-                 EVEN_K: tl.constexpr, LOP3: tl.constexpr = False, X_STEP: tl.constexpr = False,
-                 STREAM_K: tl.constexpr = False):
+                 EVEN_K: tl.constexpr, LOP3: tl.constexpr = False, X_STEP: tl.constexpr = False):
     """Works on the packed words in place (``_row_update``), for 1-4 activation rows (BM; rows past
     M repeat row M - 1 and are not stored). The next tile's words are loaded before this one is
     used (software pipelining by hand), under a predicate and with no fill value: rows past N and
@@ -352,100 +351,18 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     steps with the tile and offsets that do not change, which ptxas turns into one address and
     immediate offsets for a thread's input loads (without it, each load's address is worked out
     anew every tile); see ``gemv_input_step`` for where."""
-    if STREAM_K:  # P programs share the (output tile, K tile) steps evenly (see _gemv_stream)
-        _gemv_stream(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW,
-                     stride_xm, stride_wn, stride_sn, stride_zn, stride_om, BITS, GROUP, HAS_ZP, PER_CHANNEL,
-                     HAS_BIAS, BM, BN, BK, VEC_X, EVEN_K, LOP3, X_STEP)
-    else:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_m = tl.arange(0, BM)
-        k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
-        acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, M, N, KW, stride_xm, stride_wn, stride_sn,
-                        stride_zn, BITS, GROUP, HAS_ZP, PER_CHANNEL, BM, BN, BK, VEC_X, EVEN_K, LOP3, X_STEP)
-        _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, offs_m < M, offs_n < N, M, N, stride_om,
-                stride_sn, pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_stream(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW,
-                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om, BITS: tl.constexpr, GROUP: tl.constexpr,
-                 HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, VEC_X: tl.constexpr, EVEN_K: tl.constexpr, LOP3: tl.constexpr,
-                 X_STEP: tl.constexpr):
-    """Stream-K: the T = tiles x K-tiles steps of the matmul, in order (a tile's K tiles one after
-    another), cut into P equal runs, one per program, with P a few programs per SM: every SM
-    gets the same work and the launch has no partial last wave (split K's fixed grid leaves one,
-    e.g. 896 programs of 8 warps where 528 fit at once). A run covers the end of one tile and the
-    start of the next (or more): each piece is a segment; a tile made of one segment is stored
-    as is, else each segment writes its float32 partial and the last to arrive adds them in
-    segment order (deterministic) and stores, as split K does. Program p covers the steps
-    [p T / P, (p + 1) T / P); P <= T, so no run is empty."""
-    P = tl.num_programs(0)
-    p = tl.program_id(0)
-    KT = tl.cdiv(K, BK)
-    T = tl.cdiv(N, BN) * KT
-    it = (p.to(tl.int64) * T // P).to(tl.int32)
-    end = ((p + 1).to(tl.int64) * T // P).to(tl.int32)
-    offs_m = tl.arange(0, BM)
-    while it < end:
-        tile = it // KT
-        seg_end = tl.minimum(end, (tile + 1) * KT)
-        offs_n = tile * BN + tl.arange(0, BN)
-        acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, (it - tile * KT) * BK,
-                        tl.minimum((seg_end - tile * KT) * BK, K), M, N, KW, stride_xm, stride_wn, stride_sn,
-                        stride_zn, BITS, GROUP, HAS_ZP, PER_CHANNEL, BM, BN, BK, VEC_X, EVEN_K, LOP3, X_STEP)
-        # the programs whose runs hold this tile's first and last steps (the last p with p T / P <= step)
-        first = (((tile * KT + 1).to(tl.int64) * P + T - 1) // T - 1).to(tl.int32)
-        last = ((((tile + 1) * KT).to(tl.int64) * P + T - 1) // T - 1).to(tl.int32)
-        _finish_segment(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, offs_m < M, offs_n < N, M, N,
-                        stride_om, stride_sn, tile, p - first, last - first + 1, BM, BN, PER_CHANNEL, HAS_BIAS)
-        it = seg_end
-
-
-@triton.jit
-def _finish_segment(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om,
-                    stride_sn, tile, seg, nseg, BM: tl.constexpr, BN: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                    HAS_BIAS: tl.constexpr):
-    """``_finish`` for a stream-K segment: segment ``seg`` of the tile's ``nseg`` (a runtime count)."""
-    if PER_CHANNEL:
-        acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0).to(tl.float32)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if nseg == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws + seg * M * N, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the count (release)
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == nseg - 1:
-            total = tl.zeros([BM, BN], tl.float32)
-            for k in range(nseg):
-                total += tl.load(ws + k * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
-            tl.store(ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, M, N, KW, stride_xm, stride_wn, stride_sn, stride_zn,
-              BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, VEC_X: tl.constexpr, EVEN_K: tl.constexpr,
-              LOP3: tl.constexpr, X_STEP: tl.constexpr):
-    """The GEMV's products for output rows ``offs_n`` over the inputs [k_lo, k_hi) (whole tiles of
-    BK, K's end aside): the [BM, BN] float32 sums, per-channel scales not yet applied."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
     ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BK <= GROUP and GROUP % BK == 0
     ZP_SUM: tl.constexpr = HAS_ZP and not PER_CHANNEL and not ONE_GROUP
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     offs_m = tl.arange(0, BM)
+    m_mask = offs_m < M
+    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
     acc0 = tl.zeros([BN, BKW], tl.float32)
     acc1 = acc0
     acc2 = acc0
@@ -494,9 +411,8 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, offs_n, k_lo, k_hi, M, N, KW, stride_x
     if BM > 2:
         acc = tl.where(offs_m[:, None] == 2, tl.sum(acc2, 1)[None, :], acc)
         acc = tl.where(offs_m[:, None] == 3, tl.sum(acc3, 1)[None, :], acc)
-    return acc
-
-
+    _finish(acc, out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om, stride_sn,
+            pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["M"])  # mixed prefill/decode steps bring any row count: one compile, not three
@@ -706,11 +622,11 @@ def field_lop3(kernel: str, has_zp: bool, reg_cap: int | None, ptx: bool = PTX) 
 
 def gemv_options(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool, group: int,
                  even_k: bool, reg_cap: int | None = None, ptx: bool = PTX) -> dict:
-    """The GEMV's launch options that follow from its tile: ``EVEN_K``, ``LOP3``, ``X_STEP``, ``STREAM_K`` (off) and
+    """The GEMV's launch options that follow from its tile: ``EVEN_K``, ``LOP3``, ``X_STEP`` and
     ``maxnreg`` (absent when uncapped). ``reg_cap``: a config's ``REG_CAP`` (0: none); None lets
     ``gemv_register_cap`` decide."""
     cap = gemv_register_cap(M, bits, BN, BK, num_warps, has_zp, per_channel, group) if reg_cap is None else reg_cap
-    return {"EVEN_K": even_k, "LOP3": field_lop3("gemv", has_zp, cap, ptx), "STREAM_K": False,
+    return {"EVEN_K": even_k, "LOP3": field_lop3("gemv", has_zp, cap, ptx),
             "X_STEP": gemv_input_step(cap, per_channel, group, BK), **({"maxnreg": cap} if cap else {})}
 
 
@@ -766,16 +682,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     if gemv:
         options = gemv_options(M, bits, bn, cfg["BK"], cfg["num_warps"], has_zp, per_channel, group,
                                K % cfg["BK"] == 0, cfg.get("REG_CAP"))
-        consts = {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
-        if cfg.get("STREAM_K"):  # STREAM_K programs per SM share the steps (_gemv_stream)
-            k_tiles = -(-K // cfg["BK"])
-            steps = tiles_n * k_tiles
-            programs = min(cfg["STREAM_K"] * _sm_count(device), steps)
-            segments = min(k_tiles, k_tiles // (steps // programs) + 2)  # at most, per tile
-            seg_counters = _counters(device) if segments > 1 else None
-            if seg_counters is None or tiles_n <= seg_counters.numel():
-                return _gemv_kernel, (programs,), segments, seg_counters, {**consts, "SPLIT_K": 1, "STREAM_K": True}
-        return _gemv_kernel, (tiles_n, split), split, counters, consts
+        return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
         **consts, "IEEE": ieee, "ONE_DOT": one_dot, "LOP3": field_lop3("mma", has_zp, None), "num_stages": 2}

@@ -34,7 +34,7 @@ ENV = "INFERKIT_KERNEL_CONFIGS"
 PACKAGED = Path(__file__).with_name("configs")
 _INTS = ("bits", "group", "K", "N", "M", "BN", "BK", "SPLIT_K", "num_warps")
 TILE = ("BN", "BK", "SPLIT_K", "num_warps")  # a config's keys an entry always has
-OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "STREAM_K")  # and those it may have
+OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP")  # and those it may have
 
 
 def slug(device_name: str) -> str:
@@ -87,9 +87,6 @@ def _check(entry: dict, where: str) -> dict:
             raise bad(f"'{key}' must be true or false")
     if "REG_CAP" in entry and (isinstance(entry["REG_CAP"], bool) or entry["REG_CAP"] not in (0, *range(24, 256, 8))):
         raise bad("'REG_CAP' must be 0 (no cap) or a multiple of 8 registers from 24 to 248")
-    if "STREAM_K" in entry and (isinstance(entry["STREAM_K"], bool) or not isinstance(entry["STREAM_K"], int)
-                                or not 0 <= entry["STREAM_K"] <= 32 or kernel != "gemv"):
-        raise bad("'STREAM_K' (GEMV programs per SM sharing the work) must be 0 (off) to 32")
     return entry
 
 

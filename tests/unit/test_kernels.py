@@ -316,47 +316,6 @@ def test_quant_matmul_falls_back_to_a_dot_per_value_when_the_joined_tile_fails_t
         qm._plan.cache_clear()
 
 
-@pytest.mark.parametrize("M, N, K, bits, group, asym, stream, BN", [
-    (1, 96, 512, 4, 128, False, 1, 32),  # 3 tiles x 4 K tiles over 4 programs: each a tile's second half and more
-    (1, 96, 512, 4, 128, False, 3, 16),  # 6 x 4 steps over 12 programs: 2 segments per tile
-    (2, 40, 384, 4, 64, True, 2, 16),  # 3 x 6 steps over 8 programs, zero points, N not a multiple of BN
-    (3, 64, 256, 8, None, False, 5, 16),  # per channel: 4 x 1 steps, no more programs than steps
-    (4, 48, 768, 4, 32, True, 7, 16),  # groups inside a K tile, zero points (their input sums)
-    (1, 64, 1024, 4, 128, False, 1, 64),  # one tile over 4 programs: 4 segments
-    (1, 256, 256, 4, 128, False, 1, 16)])  # 16 x 2 steps over 4 programs: 4 whole tiles each, stored as they are
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_stream_k_gemv_shares_the_steps_and_matches_the_reference(M, N, K, bits, group, asym, stream, BN, dtype):
-    """STREAM_K programs per SM (4 "SMs" off a GPU) run equal shares of the (tile, K tile) steps;
-    tiles split between programs are summed by the last one in, in segment order: the reference's
-    numbers, the same bits on a second call, and the arrival counters back at zero."""
-    from inferkit.kernels import quant_matmul as qm
-
-    x, w, s, z = quant_case(M, N, K, bits, group, asym, dtype, seed=M + N + K)
-    bk = 256 if group is None else max(group, 128)
-    cfg = {"BN": BN, "BK": bk, "SPLIT_K": 1, "num_warps": 2, "STREAM_K": stream}
-    G = s.shape[1]
-    _, grid, segments, counters, consts = qm._plan(M, N, K, w.shape[1], G, bits, group, x.dtype, x.device,
-                                                   z is not None, False, tuple(sorted(cfg.items())))
-    k_tiles, tiles = -(-K // bk), -(-N // BN)
-    assert consts["STREAM_K"] and grid == (min(4 * stream, tiles * k_tiles),)
-    out = quant_matmul(x, w, s, z, bits, group, config=cfg)
-    assert rel_err(out, reference_quant_matmul(x, w, s, z, bits, group)) < (1e-5 if dtype == torch.float32 else 5e-3)
-    assert torch.equal(quant_matmul(x, w, s, z, bits, group, config=cfg), out)
-    assert counters is None or not counters.any()
-    if (M, N, K, stream) == (1, 64, 1024, 1):
-        assert segments >= 4  # the workspace holds the 4 programs' partials of the one tile
-
-
-def test_stream_k_is_a_table_key_for_the_gemv_only():
-    from inferkit.kernels import tuned
-
-    base = {"bits": 4, "group": 128, "K": 4096, "N": 14336, "M": 1, "BN": 64, "BK": 128, "SPLIT_K": 1, "num_warps": 2}
-    assert tuned._check({**base, "STREAM_K": 8}, "t")["STREAM_K"] == 8
-    for bad in ({**base, "STREAM_K": True}, {**base, "STREAM_K": 33}, {**base, "M": 8, "STREAM_K": 4}):
-        with pytest.raises(ValueError, match="STREAM_K"):
-            tuned._check(bad, "t")
-
-
 def test_shipped_tables_are_served_for_their_gpu(monkeypatch):
     """Every table under kernels/configs/ (measured on a GPU) reads, is named after its GPU model,
     and the lookup gives each of its entries, as the launch plan accepts them, to that model only."""
