@@ -6,8 +6,9 @@ quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x.
     python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200]
 
 (``GPU_PARTS=sweep benchmarks/gpu.sh`` runs this; ``GPU_SWEEP_ARGS`` adds options.) Configs are
-tried in the grid's order until the time budget is spent; each row prints as it is timed, and the JSON holds every row, the
-fastest correct config as a tuned-table entry, and its speedup over bf16.
+tried in the grid's order until the time budget is spent; each row prints as it is timed, and
+the JSON holds every row, the fastest correct config as a tuned-table entry, and its speedup
+over bf16.
 """
 
 from __future__ import annotations

@@ -718,8 +718,9 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     z = zero_point if zero_point is not None else scale
-    args = (x, w_packed, scale, z, bias if bias is not None else scale, out, ws, counters if counters is not None else out,
-            M, N, K, KW, scale.shape[1], x.stride(0), w_packed.stride(0), scale.stride(0), z.stride(0), N)
+    args = (x, w_packed, scale, z, bias if bias is not None else scale, out, ws,
+            counters if counters is not None else out, M, N, K, KW, scale.shape[1], x.stride(0),
+            w_packed.stride(0), scale.stride(0), z.stride(0), N)
     try:
         kernel[grid](*args, **consts)
     except RuntimeError as exc:  # a compile failure comes before any launch: nothing ran
