@@ -349,31 +349,29 @@ def main() -> None:
     import triton
 
     results["triton"] = triton.__version__
-    if args.only_e2e:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.only_e2e:
+        kernels(results, args)
+    if not args.skip_e2e:
         args.work.mkdir(parents=True, exist_ok=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         results["end_to_end"] = end_to_end(args.work, args.tokenizer)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print_summary(results)
-        return
+    print_summary(results)
+
+
+def kernels(results: dict, args) -> None:
+    """Parts 1-3 into ``results``: copy bandwidth, attention, prefill, matmul and its tile sweep."""
     results["copy_gb_s"] = copy_bandwidth() / 1e9
     print(f"memory copy: {results['copy_gb_s']:.0f} GB/s (read + write)", flush=True)
     results["attention"] = attention(results["copy_gb_s"] * 1e9)
     results["prefill"] = prefill()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")  # kept if the matmul sweep runs out of time
     results["matmul"], results["int4_config_sweep"], entries = matmul(load_baseline(args.baseline))
     table = tuned_table(entries, args.out.parent / "tuned", results["device"])
     if table:
         results["tuned_table"] = str(table)
         print(f"tuned matmul configs: {table} (copy to kernels/configs/ to make them this GPU's default)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    if not args.skip_e2e:
-        args.work.mkdir(parents=True, exist_ok=True)
-        results["end_to_end"] = end_to_end(args.work, args.tokenizer)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print_summary(results)
 
 
 def print_summary(results: dict) -> None:

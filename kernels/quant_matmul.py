@@ -637,7 +637,7 @@ def mma_one_dot(requested: bool, BM: int, BN: int, BK: int, num_warps: int, per_
     num_warps == 32); every other 64-row tile of BN 64-256, BK 64-128, groups 32-128 and 4 or 8
     warps compiles, as checked for sm_90 without a GPU. Those take a dot per value position (and
     ``quant_matmul`` falls back to it too if a joined tile fails to compile anyway)."""
-    return requested and not (BM == 64 and not per_channel and group % BK == 0 and BN // num_warps == 32)
+    return requested and not (BM == 64 and _tiles_in_one_group(per_channel, group, BK) and BN // num_warps == 32)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -16,12 +16,17 @@ if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends",
     pytest.skip("Triton's ptxas is not installed", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def report():
+def compile_env() -> dict:
+    """This environment for a compiling subprocess: no interpreter, no multiply-add contraction."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")  # the kernels must not depend on contraction
+    return env
+
+
+@pytest.fixture(scope="module")
+def report():
     proc = subprocess.run([sys.executable, "-m", "inferkit.kernels.sass", "--json"], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=compile_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -106,8 +111,7 @@ def test_64_row_mma_tiles_compile_as_launched():
               "for bits, group, bn, bk, warps, _ in json.loads(sys.argv[1]):\n"
               "    quant_matmul_kernel(64, bits, group, bn, bk, num_warps=warps)\n"
               "    print('compiled', bits, group, bn, bk, warps, flush=True)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(MMA_64_ROW_TILES)], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=compile_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("compiled") == len(MMA_64_ROW_TILES)
