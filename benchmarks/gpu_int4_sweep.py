@@ -1,9 +1,11 @@
 """The full tile grid (``inferkit tune-kernels --grid full``) for the INT4 decode GEMV at batch 1,
-each config with and without the register cap, beside bf16 ``torch.matmul`` timed the same way
-(graph-replayed, operands cycled past L2). For the issue's 2.5x target at 4096x14336, where the
-quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x.
+each capped config also without the register cap, beside bf16 ``torch.matmul`` timed the same
+way (graph-replayed, operands cycled past L2). For the issue's 2.5x target at 4096x14336, where
+the quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x. ``--grid prefetch``: the GEMV's
+tiles loading 1-3 tiles ahead (``PREFETCH``), the bytes-in-flight experiment.
 
-    python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200]
+    python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200] \
+        [--grid prefetch --shapes 4096x14336,14336x4096]
 
 (``GPU_PARTS=sweep benchmarks/gpu.sh`` runs this; ``GPU_SWEEP_ARGS`` adds options.) Configs are
 tried in the grid's order until the time budget is spent; each row prints as it is timed, and
@@ -21,14 +23,33 @@ from pathlib import Path
 import torch
 
 
+def prefetch_grid(N: int, K: int, device: torch.device) -> list[dict]:
+    """The heuristic's config, then the GEMV's tiles of 2 and 4 rows per thread (BN x warps
+    128x8, 64x4, 256x8, 128x4, 64x2) loading 2, 3 or 1 tiles ahead (in that order: the new ones
+    first, should the time budget run out), over 2-16 splits of K."""
+    from inferkit.kernels import tune
+    from inferkit.kernels.quant_matmul import pick_config
+
+    out = [pick_config(1, N, K, 128, device, 4)]
+    for ahead in (2, 3, 1):
+        for bn, warps in ((128, 8), (64, 4), (256, 8), (128, 4), (64, 2)):
+            for split in (2, 4, 8, 16):
+                if K >= 128 * split:
+                    out.append({"BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, "VEC_X": True,
+                                "PREFETCH": ahead})
+    return tune._unique(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_out/int4_sweep.json"))
     parser.add_argument("--shapes", default="4096x14336", help="KxN (inputs x outputs), comma-separated")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting configs after this long")
-    parser.add_argument("--grid", default="full", choices=("full", "quick"), help="tune-kernels' grid")
+    parser.add_argument("--grid", default="full", choices=("full", "quick", "prefetch"),
+                        help="tune-kernels' grid, or prefetch: 5 tiles x prefetch 1-3 x 4 splits")
     args = parser.parse_args()
     from inferkit.kernels import tune
+    from inferkit.kernels.quant_matmul import gemv_register_cap
     from inferkit.quant.pack import pack_int32
 
     cuda = torch.cuda.is_available()
@@ -48,8 +69,14 @@ def main() -> None:
         copies16 = [wb] + [wb.clone() for _ in range(tune._l2_copies(b16) - 1)] if cuda else [wb]
         t_bf16 = tune.time_call(lambda i: (lambda: torch.matmul(x, copies16[i % len(copies16)].T)), b16, dev) * 1e6
         print(f"{K}x{N} bf16 graphed {t_bf16:.2f} us", flush=True)
-        configs = tune.candidates(1, N, K, 128, 4, dev, args.grid if cuda else "smoke")
-        configs += [{**c, "REG_CAP": 0} for c in configs if "REG_CAP" not in c and c.get("KERNEL", "gemv") == "gemv"]
+        if args.grid == "prefetch":
+            configs = prefetch_grid(N, K, dev)[:None if cuda else 3]
+        else:
+            configs = tune.candidates(1, N, K, 128, 4, dev, args.grid if cuda else "smoke")
+        # each capped config once more uncapped (configs launching uncapped anyway are not repeated)
+        configs += [{**c, "REG_CAP": 0} for c in configs if "REG_CAP" not in c and c.get("KERNEL", "gemv") == "gemv"
+                    and gemv_register_cap(1, 4, c["BN"], c["BK"], c["num_warps"], False, False, 128,
+                                          c.get("PREFETCH", 1))]
         copies = tune.operand_copies(problem, dev)
         rows = []
         for cfg in tune._unique(configs):

@@ -342,11 +342,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr,
-                 EVEN_K: tl.constexpr, LOP3: tl.constexpr = False, X_STEP: tl.constexpr = False):
+                 EVEN_K: tl.constexpr, LOP3: tl.constexpr = False, X_STEP: tl.constexpr = False,
+                 PREFETCH: tl.constexpr = 1):
     """Works on the packed words in place (``_row_update``), for 1-4 activation rows (BM; rows past
-    M repeat row M - 1 and are not stored). The next tile's words are loaded before this one is
-    used (software pipelining by hand), under a predicate and with no fill value: rows past N and
-    the prefetch after a split's last tile load nothing and are never stored. EVEN_K (K a multiple
+    M repeat row M - 1 and are not stored). The words of the tile PREFETCH (1-3) ahead are loaded
+    before this one is used (software pipelining by hand: Triton's pipeliner leaves loads that
+    feed no dot alone), under a predicate and with no fill value: rows past N and the prefetches
+    past a split's last tile load nothing and are never stored. Deeper prefetch keeps more bytes
+    in flight per thread for more registers (a split of few tiles then has them all in flight
+    from its start). EVEN_K (K a multiple
     of BK): the inputs load without masks. X_STEP: the inputs are addressed from a pointer that
     steps with the tile and offsets that do not change, which ptxas turns into one address and
     immediate offsets for a thread's input loads (without it, each load's address is worked out
@@ -374,8 +378,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                                           BITS), BITS)
     offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo < k_hi), k_lo, KW, stride_wn,
                                           VALS, BKW, EVEN_K)
+    kw1, m1, w1 = offs_kw, kw_mask, words  # the tiles 1 and 2 ahead (PREFETCH 2, 3)
+    kw2, m2, w2 = offs_kw, kw_mask, words
+    if PREFETCH >= 2:
+        kw1, m1, w1 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + BK < k_hi), k_lo + BK, KW, stride_wn,
+                                  VALS, BKW, EVEN_K)
+    if PREFETCH >= 3:
+        kw2, m2, w2 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + 2 * BK < k_hi), k_lo + 2 * BK, KW,
+                                  stride_wn, VALS, BKW, EVEN_K)
     for k0 in range(k_lo, k_hi, BK):
-        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k0 + BK < k_hi), k0 + BK, KW,
+        ahead = k0 + PREFETCH * BK
+        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + ahead < k_hi), ahead, KW,
                                             stride_wn, VALS, BKW, EVEN_K)
         if PER_CHANNEL:  # scales at the end
             s = 1.0
@@ -404,7 +417,15 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                                ZP_SUM, EVEN_K, VEC_X, LOP3)
             acc3 = _row_update(acc3, lo, hi, x_tile + tl.minimum(3, M - 1) * stride_xm, x_kw, kw_mask, s, z, cs,
                                BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X, LOP3)
-        offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
+        if PREFETCH == 1:
+            offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
+        elif PREFETCH == 2:
+            offs_kw, kw_mask, words = kw1, m1, w1
+            kw1, m1, w1 = nxt_kw, nxt_mask, nxt
+        else:
+            offs_kw, kw_mask, words = kw1, m1, w1
+            kw1, m1, w1 = kw2, m2, w2
+            kw2, m2, w2 = nxt_kw, nxt_mask, nxt
     acc = tl.where(offs_m[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
     if BM > 1:
         acc = tl.where(offs_m[:, None] == 1, tl.sum(acc1, 1)[None, :], acc)
@@ -577,7 +598,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
 
 
 def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool,
-                      group: int) -> int | None:
+                      group: int, prefetch: int = 1) -> int | None:
     """The register cap the GEMV launches with, or None: the registers of the kernel the H100
     sweeps measured, for the heuristic's decode tiles of 8 warps (one activation row, at most 2
     output rows per thread, tiles inside one group). Without zero points 64, so 4 programs fit
@@ -587,10 +608,11 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
     3.6 takes 96 uncapped: 2 programs per SM instead of 3; no spills with the two-instruction
     field form, see ``field_lop3``). Not capped: 4-warp tiles
     (70-80 registers, 6-7 programs per SM; a cap of 64 spills inside the loop), tiles spanning
-    groups (a cap spills with 3.6)."""
+    groups (a cap spills with 3.6), tiles loaded more than one ahead (``PREFETCH``: at 64 registers
+    2 ahead spills 40 bytes, uncapped it takes 80)."""
     threads_per_row = max(1, BK * bits // 32 // 4)
     rows_per_thread = BN * threads_per_row / (32 * num_warps)
-    if M != 1 or num_warps < 8 or rows_per_thread > 2 or not _tiles_in_one_group(per_channel, group, BK):
+    if M != 1 or prefetch > 1 or num_warps < 8 or rows_per_thread > 2 or not _tiles_in_one_group(per_channel, group, BK):
         return None
     return 80 if has_zp else 64
 
@@ -621,12 +643,13 @@ def field_lop3(kernel: str, has_zp: bool, reg_cap: int | None, ptx: bool = PTX) 
 
 
 def gemv_options(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool, group: int,
-                 even_k: bool, reg_cap: int | None = None, ptx: bool = PTX) -> dict:
-    """The GEMV's launch options that follow from its tile: ``EVEN_K``, ``LOP3``, ``X_STEP`` and
-    ``maxnreg`` (absent when uncapped). ``reg_cap``: a config's ``REG_CAP`` (0: none); None lets
-    ``gemv_register_cap`` decide."""
-    cap = gemv_register_cap(M, bits, BN, BK, num_warps, has_zp, per_channel, group) if reg_cap is None else reg_cap
-    return {"EVEN_K": even_k, "LOP3": field_lop3("gemv", has_zp, cap, ptx),
+                 even_k: bool, reg_cap: int | None = None, ptx: bool = PTX, prefetch: int = 1) -> dict:
+    """The GEMV's launch options that follow from its tile: ``EVEN_K``, ``LOP3``, ``X_STEP``,
+    ``PREFETCH`` and ``maxnreg`` (absent when uncapped). ``reg_cap``: a config's ``REG_CAP`` (0:
+    none); None lets ``gemv_register_cap`` decide. ``prefetch``: a config's ``PREFETCH``."""
+    cap = (gemv_register_cap(M, bits, BN, BK, num_warps, has_zp, per_channel, group, prefetch) if reg_cap is None
+           else reg_cap)
+    return {"EVEN_K": even_k, "LOP3": field_lop3("gemv", has_zp, cap, ptx), "PREFETCH": prefetch,
             "X_STEP": gemv_input_step(cap, per_channel, group, BK), **({"maxnreg": cap} if cap else {})}
 
 
@@ -680,8 +703,10 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
     if gemv:
+        if cfg.get("PREFETCH", 1) not in (1, 2, 3):
+            raise ValueError(f"PREFETCH {cfg['PREFETCH']!r}: the GEMV loads 1, 2 or 3 tiles ahead")
         options = gemv_options(M, bits, bn, cfg["BK"], cfg["num_warps"], has_zp, per_channel, group,
-                               K % cfg["BK"] == 0, cfg.get("REG_CAP"))
+                               K % cfg["BK"] == 0, cfg.get("REG_CAP"), prefetch=cfg.get("PREFETCH", 1))
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {

@@ -91,7 +91,7 @@ def model_problems(model) -> list[Problem]:
 def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.device, grid: str = "full") -> list[dict]:
     """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
     dozen to two dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
-    warps, load variants and splits over a wider range; ``smoke``: one tiny config per kernel."""
+    warps, load variants, prefetch depths (1-2 rows) and splits over a wider range; ``smoke``: one tiny config per kernel."""
     from inferkit.kernels import tuned
     from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config
 
@@ -111,11 +111,12 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
                 cfg["KERNEL"] = "mma"
             out.append(cfg)
         return _unique(out)
-    shapes: list[tuple] = []  # (kernel, BN, warps, variant, splits)
+    shapes: list[tuple] = []  # (kernel, BN, warps, variant, splits[, GEMV prefetch])
     if grid == "quick":
         if M == 1:
             shapes = [("gemv", bn, w, v, (1, 4, 8, 16)) for bn, w, v in
                       [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]]
+            shapes += [("gemv", bn, w, True, (4, 8, 16), 2) for bn, w in [(64, 4), (128, 8)]]  # 2 tiles ahead
         elif M <= 4:
             shapes = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]
             shapes += [("mma", bn, 4, True, (1, 4)) for bn in (64, 128)]
@@ -129,6 +130,8 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
                     if 1 <= words <= (16 if M == 1 else 8):
                         shapes.append(("gemv", bn, w, True, (1, 2, 4, 8, 16)))
             shapes.append(("gemv", picked["BN"], picked["num_warps"], False, (1, 2, 4, 8, 16)))
+            if M <= 2:  # the picked tile loading 2 and 3 tiles ahead
+                shapes += [("gemv", picked["BN"], picked["num_warps"], True, (1, 2, 4, 8, 16), pf) for pf in (2, 3)]
             if M > 1:
                 shapes += [("mma", bn, 4, True, (1, 2, 4)) for bn in (64, 128)]
         else:
@@ -137,13 +140,13 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     out = [dict(picked)]
     if M == 1 and tuned.kernel_for(M, picked) == "gemv":  # the heuristic's tiles without the register cap
         out.append({**picked, "REG_CAP": 0})
-    for kernel, bn, warps, variant, splits in shapes:
+    for kernel, bn, warps, variant, splits, *ahead in shapes:
         bk = gemv_bk if kernel == "gemv" else mma_bk
         for split in splits:
             if split > 1 and K < bk * split:  # every split gets at least one tile of inputs
                 continue
             cfg = {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps,
-                   ("VEC_X" if kernel == "gemv" else "ONE_DOT"): variant}
+                   ("VEC_X" if kernel == "gemv" else "ONE_DOT"): variant, **({"PREFETCH": ahead[0]} if ahead else {})}
             if kernel == "mma" and M <= 4:
                 cfg["KERNEL"] = "mma"
             out.append(cfg)

@@ -16,7 +16,8 @@ Table format::
 
 ``group`` is K for per-channel scales; ``KERNEL`` (optional) is ``gemv`` or ``mma``, the GEMV
 kernel being the default up to 4 rows and allowed only there; ``REG_CAP`` (optional) the GEMV's
-registers per thread (0: none; without it, ``quant_matmul.gemv_register_cap`` decides). Row buckets: 1, 2, 3, 4 exactly;
+registers per thread (0: none; without it, ``quant_matmul.gemv_register_cap`` decides); ``PREFETCH``
+(optional, 1-3, default 1) how many tiles ahead the GEMV loads its words. Row buckets: 1, 2, 3, 4 exactly;
 then 5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket
 serving the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
 bounded number of compiled variants for mixed prefill steps).
@@ -34,7 +35,7 @@ ENV = "INFERKIT_KERNEL_CONFIGS"
 PACKAGED = Path(__file__).with_name("configs")
 _INTS = ("bits", "group", "K", "N", "M", "BN", "BK", "SPLIT_K", "num_warps")
 TILE = ("BN", "BK", "SPLIT_K", "num_warps")  # a config's keys an entry always has
-OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP")  # and those it may have
+OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "PREFETCH")  # and those it may have
 
 
 def slug(device_name: str) -> str:
@@ -87,6 +88,8 @@ def _check(entry: dict, where: str) -> dict:
             raise bad(f"'{key}' must be true or false")
     if "REG_CAP" in entry and (isinstance(entry["REG_CAP"], bool) or entry["REG_CAP"] not in (0, *range(24, 256, 8))):
         raise bad("'REG_CAP' must be 0 (no cap) or a multiple of 8 registers from 24 to 248")
+    if "PREFETCH" in entry and (isinstance(entry["PREFETCH"], bool) or entry["PREFETCH"] not in (1, 2, 3)):
+        raise bad("'PREFETCH' must be 1, 2 or 3 tiles ahead")
     return entry
 
 

@@ -26,7 +26,8 @@ def describe(cfg: dict) -> str:
     kernel = kernel_for(cfg["M"], cfg)
     variant = {("gemv", False): " strided-x", ("mma", False): " dot/value"}.get((kernel, cfg.get("VEC_X", cfg.get("ONE_DOT", True))), "")
     cap = f" regs{cfg['REG_CAP'] or '-uncapped'}" if "REG_CAP" in cfg else ""
-    return f"{kernel} {cfg['BN']}x{cfg['BK']} k{cfg['SPLIT_K']} w{cfg['num_warps']}{variant}{cap}"
+    ahead = f" pf{cfg['PREFETCH']}" if cfg.get("PREFETCH", 1) != 1 else ""
+    return f"{kernel} {cfg['BN']}x{cfg['BK']} k{cfg['SPLIT_K']} w{cfg['num_warps']}{variant}{cap}{ahead}"
 
 
 def duration(us: float | None) -> str:

@@ -36,14 +36,14 @@ def test_slug_and_buckets():
 
 def test_written_table_reads_back_and_serves_its_bucket(tmp_path, monkeypatch):
     path = tuned.write_table(tmp_path / "t" / "x.json", H100,
-                             [entry(REG_CAP=0), entry(M=8, BN=128, BK=256, SPLIT_K=2, ONE_DOT=False)],
+                             [entry(REG_CAP=0, PREFETCH=2), entry(M=8, BN=128, BK=256, SPLIT_K=2, ONE_DOT=False)],
                              triton="3.6.0")
     assert not list(path.parent.glob("*.tmp"))
     data = json.loads(path.read_text())
     assert data["device"] == H100 and data["triton"] == "3.6.0" and len(data["configs"]) == 2
     monkeypatch.setenv(tuned.ENV, str(path))
     assert tuned.check_override() == 2
-    one = {"BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "VEC_X": False, "REG_CAP": 0}
+    one = {"BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "VEC_X": False, "REG_CAP": 0, "PREFETCH": 2}
     assert tuned.lookup(1, 14336, 4096, 128, 4, H100) == one
     mma = {"BN": 128, "BK": 256, "SPLIT_K": 2, "num_warps": 4, "ONE_DOT": False, "VEC_X": False}
     for m in (5, 8, 16):  # the entry measured at 8 rows serves 5-16
@@ -91,6 +91,8 @@ def test_override_wins_over_packaged_table(tmp_path, monkeypatch):
     (entry(VEC_X="yes"), "'VEC_X' must be true or false"),
     (entry(REG_CAP=70), "'REG_CAP' must be 0"),
     (entry(REG_CAP=True), "'REG_CAP' must be 0"),
+    (entry(PREFETCH=4), "'PREFETCH' must be 1, 2 or 3"),
+    (entry(PREFETCH=True), "'PREFETCH' must be 1, 2 or 3"),
     ({k: v for k, v in entry().items() if k != "N"}, "'N' must be a positive integer"),
 ])
 def test_bad_entries_are_refused_with_the_reason(tmp_path, bad, why):

@@ -455,6 +455,30 @@ def test_decode_gemv_register_cap_and_its_override():
     assert rel_err(capped, reference_quant_matmul(x, w, s, z, 4, 128)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("M,group,asym,K,cfg", [
+    (1, 64, False, 576, dict(BN=32, BK=64, SPLIT_K=1, num_warps=2)),  # 9 tiles in one split
+    (1, 32, True, 448, dict(BN=16, BK=64, SPLIT_K=3, num_warps=1)),  # splits of 3, 3 and 1 tiles
+    (2, None, True, 480, dict(BN=16, BK=128, SPLIT_K=2, num_warps=1)),  # per channel; K not a multiple of BK
+    (1, 128, False, 384, dict(BN=32, BK=128, SPLIT_K=1, num_warps=8)),  # 3 tiles: all in flight at 3 ahead
+], ids=["9tiles", "split3", "channel-oddK", "3tiles"])
+def test_gemv_loading_tiles_further_ahead_gives_the_same_bits(M, group, asym, K, cfg):
+    """PREFETCH 2 and 3 change when a tile's words are loaded, not the arithmetic: the same bits as
+    1 ahead, including splits shorter than the prefetch (whose extra loads are predicated off),
+    and the reference's numbers. Further ahead launches uncapped (a cap would spill)."""
+    from inferkit.kernels import quant_matmul as qm
+
+    x, w, s, z = quant_case(M, 40, K, 4, group, asym, torch.bfloat16, seed=K)
+    one = quant_matmul(x, w, s, z, 4, group, config={**cfg, "PREFETCH": 1})
+    assert rel_err(one, reference_quant_matmul(x, w, s, z, 4, group)) < TOL[torch.bfloat16]
+    for ahead in (2, 3):
+        assert torch.equal(quant_matmul(x, w, s, z, 4, group, config={**cfg, "PREFETCH": ahead}), one), ahead
+    opts = qm.gemv_options(1, 4, 128, 128, 8, False, False, 128, True, prefetch=2)
+    assert opts["PREFETCH"] == 2 and "maxnreg" not in opts
+    assert qm.gemv_options(1, 4, 128, 128, 8, False, False, 128, True)["maxnreg"] == 64
+    with pytest.raises(ValueError, match="PREFETCH 4"):
+        quant_matmul(x, w, s, z, 4, group, config={**cfg, "PREFETCH": 4})
+
+
 def test_one_lop3_per_value_where_ptx_runs():
     """Values come out of their words by one inline PTX lop3 each on NVIDIA GPUs, except in the
     GEMV with zero points under a register cap (it spills there); the interpreter and AMD GPUs
