@@ -612,7 +612,8 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
     2 ahead spills 40 bytes, uncapped it takes 80)."""
     threads_per_row = max(1, BK * bits // 32 // 4)
     rows_per_thread = BN * threads_per_row / (32 * num_warps)
-    if M != 1 or prefetch > 1 or num_warps < 8 or rows_per_thread > 2 or not _tiles_in_one_group(per_channel, group, BK):
+    if M != 1 or prefetch > 1 or num_warps < 8 or rows_per_thread > 2 \
+            or not _tiles_in_one_group(per_channel, group, BK):
         return None
     return 80 if has_zp else 64
 

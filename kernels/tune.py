@@ -90,8 +90,9 @@ def model_problems(model) -> list[Problem]:
 
 def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.device, grid: str = "full") -> list[dict]:
     """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
-    dozen to two dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
-    warps, load variants, prefetch depths (1-2 rows) and splits over a wider range; ``smoke``: one tiny config per kernel."""
+    dozen to three dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
+    warps, load variants, prefetch depths (1-2 rows) and splits over a wider range; ``smoke``:
+    one tiny config per kernel."""
     from inferkit.kernels import tuned
     from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config
 
