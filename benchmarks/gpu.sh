@@ -75,17 +75,27 @@ if [[ $PARTS == *tune* ]]; then
   echo "[tune done at ${SECONDS}s]"
 fi
 # 5. (Only when GPU_PARTS names it.) Nsight Compute on the INT4 decode GEMV at 4096x14336: memory
-#    throughput, occupancy, warp stalls and the memory chart: the H100 table's tiles, then the heuristic's.
+#    throughput, occupancy, warp stalls by reason and the memory chart: the H100 table's tiles, the
+#    heuristic's, and the heuristic's loading 2 tiles ahead (GPU_PROFILE_CONFIGS: ';'-separated
+#    JSON configs instead, "" for the table's).
 if [[ $PARTS == *profile* ]]; then
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   if [ -z "$ncu" ]; then
     echo "profile: no ncu on this machine"
   else
-    for cfg in "" '{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8}'; do
+    stalls=""
+    for why in long_scoreboard short_scoreboard wait math_pipe_throttle not_selected selected dispatch_stall \
+               no_instruction mio_throttle lg_throttle branch_resolving barrier membar drain misc; do
+      stalls="$stalls${stalls:+,}smsp__average_warps_issue_stalled_${why}_per_issue_active.ratio"
+    done
+    default_cfgs=';{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8}'
+    default_cfgs+=';{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8, "PREFETCH": 2}'
+    IFS=';' read -ra cfgs <<< "${GPU_PROFILE_CONFIGS:-$default_cfgs}"
+    for cfg in "${cfgs[@]}"; do
       timeout 90 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-        --section MemoryWorkloadAnalysis --section SchedulerStats \
+        --section MemoryWorkloadAnalysis --section SchedulerStats --metrics "$stalls" \
         -k regex:gemv --launch-skip 3 --launch-count 1 python benchmarks/gpu_int4_profile.py ${cfg:+--config "$cfg"} 2>&1 \
-        | grep -vE "^==PROF==|^\s*$" | tee -a "$OUT/ncu_int4.txt" | grep -E "config|Duration|Memory Throughput|DRAM Through|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued"
+        | grep -vE "^==PROF==|^\s*$" | tee -a "$OUT/ncu_int4.txt" | grep -E "config|Duration|Memory Throughput|DRAM Through|Achieved Occupancy|Registers Per|Stall|stalled|Warp Cycles Per Issued"
     done
   fi
   echo "[profile done at ${SECONDS}s]"
