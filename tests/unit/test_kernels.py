@@ -245,6 +245,7 @@ def test_quant_matmul_random_configs_match_reference():
     import random
 
     rng = random.Random(6)
+    ahead = random.Random(7)  # the GEMV's prefetch depth, drawn apart (the other draws stay as they were)
     for _ in range(24):
         M = rng.choice([1, 2, 3, 4, 5, 9])
         bits = rng.choice([4, 8])
@@ -253,7 +254,7 @@ def test_quant_matmul_random_configs_match_reference():
         N = rng.choice([24, 40, 72])
         cfg = {"BN": rng.choice([16, 32, 64]), "SPLIT_K": rng.choice([1, 2, 3, 4]), "num_warps": rng.choice([1, 2, 4])}
         if M <= 4:
-            cfg.update(BK=rng.choice([64, 128, 256]), VEC_X=rng.random() < 0.5)
+            cfg.update(BK=rng.choice([64, 128, 256]), VEC_X=rng.random() < 0.5, PREFETCH=ahead.choice([1, 2, 3]))
         else:
             cfg.update(BK=rng.choice([16, 32]) * (32 // bits), ONE_DOT=rng.random() < 0.5)
         x, w, s, z = quant_case(M, N, K, bits, group, rng.random() < 0.5, torch.float32, seed=rng.randrange(1000))
