@@ -722,8 +722,9 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``bias`` [N] (contiguous) is added
     in the kernel, in float32, before the output's rounding. ``config``: tiles and split-K
     (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones,
-    ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``) and the GEMV's ``REG_CAP``
-    (registers per thread, 0 for none; default ``gemv_register_cap``). bf16 inputs must be (or
+    ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``), the GEMV's ``REG_CAP``
+    (registers per thread, 0 for none; default ``gemv_register_cap``) and ``PREFETCH`` (tiles
+    loaded ahead, 1-3; default 1). bf16 inputs must be (or
     are copied to be) 4-byte aligned with an even row stride; zero points must be integers, as
     compressed-tensors stores them."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:
