@@ -56,7 +56,8 @@ if [[ $PARTS == *e2e* ]]; then
 fi
 # 2c. (Only when GPU_PARTS names it.) The full tile grid for the INT4 GEMV at batch 1, 4096x14336.
 if [[ $PARTS == *sweep* ]]; then
-  timeout 260 python benchmarks/gpu_int4_sweep.py --out "$OUT/int4_sweep.json" --budget-s ${GPU_SWEEP_S:-210} ${GPU_SWEEP_ARGS:-} 2>&1 \
+  timeout $(( ${GPU_SWEEP_S:-210} + 50 )) python benchmarks/gpu_int4_sweep.py --out "$OUT/int4_sweep.json" \
+    --budget-s ${GPU_SWEEP_S:-210} ${GPU_SWEEP_ARGS:-} 2>&1 \
     | tee "$OUT/int4_sweep.log"
   echo "[sweep done at ${SECONDS}s]"
 fi

@@ -2,7 +2,8 @@
 each capped config also without the register cap, beside bf16 ``torch.matmul`` timed the same
 way (graph-replayed, operands cycled past L2). For the issue's 2.5x target at 4096x14336, where
 the quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x. ``--grid prefetch``: the GEMV's
-tiles loading 1-3 tiles ahead (``PREFETCH``), the bytes-in-flight experiment.
+tiles pipelined (``STAGES``) or loading 1-3 tiles ahead (``PREFETCH``), the bytes-in-flight
+experiment (about 115 configs: ``GPU_SWEEP_S=280``).
 
     python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200] \
         [--grid prefetch --shapes 4096x14336,14336x4096]
@@ -25,25 +26,24 @@ import torch
 
 def prefetch_grid(N: int, K: int, device: torch.device) -> list[dict]:
     """The heuristic's config, then the GEMV's tiles of 2 and 4 rows per thread (BN x warps
-    128x8, 64x4, 256x8, 128x4, 64x2) loading 2, 3 or 1 tiles ahead (in that order: the new ones
-    first, should the time budget run out), over 2-16 splits of K; then 3 ahead in 80 registers
-    (no spills on sm_90: 3 programs of 8 warps per SM with 96 bytes of words in flight per
-    thread) and 2 ahead in 72 (7 programs of 4 warps instead of 6)."""
+    128x8, 64x4, 256x8, 128x4, 64x2) over 2-16 splits of K: pipelined in 3 and 4 stages
+    (``STAGES``), loading 2 or 3 tiles ahead into registers (``PREFETCH``); then 3 ahead in 80
+    registers (no spills on sm_90: 3 programs of 8 warps per SM with 96 bytes of words in flight
+    per thread), 2 ahead in 72 (7 programs of 4 warps instead of 6), 2 and 5 stages, and last 1
+    ahead as before (the new ones first, should the time budget run out)."""
     from inferkit.kernels import tune
     from inferkit.kernels.quant_matmul import pick_config
 
+    tiles = ((128, 8), (64, 4), (256, 8), (128, 4), (64, 2))
+    loops = [({"STAGES": st}, tiles) for st in (3, 4)] + [({"PREFETCH": pf}, tiles) for pf in (2, 3)]
+    loops += [({"PREFETCH": 3, "REG_CAP": 80}, ((128, 8), (64, 4))), ({"PREFETCH": 2, "REG_CAP": 72}, ((64, 4),)),
+              ({"STAGES": 2}, ((128, 8), (64, 4))), ({"STAGES": 5}, ((128, 8), (64, 4))), ({"PREFETCH": 1}, tiles)]
     out = [pick_config(1, N, K, 128, device, 4)]
-    for ahead in (2, 3, 1):
-        for bn, warps in ((128, 8), (64, 4), (256, 8), (128, 4), (64, 2)):
+    for keys, shapes in loops:
+        for bn, warps in shapes:
             for split in (2, 4, 8, 16):
                 if K >= 128 * split:
-                    out.append({"BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, "VEC_X": True,
-                                "PREFETCH": ahead})
-    for bn, warps, ahead, cap in ((128, 8, 3, 80), (64, 4, 3, 80), (64, 4, 2, 72)):
-        for split in (2, 4, 8, 16):
-            if K >= 128 * split:
-                out.append({"BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, "VEC_X": True,
-                            "PREFETCH": ahead, "REG_CAP": cap})
+                    out.append({"BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, "VEC_X": True, **keys})
     return tune._unique(out)
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x14336", help="KxN (inputs x outputs), comma-separated")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting configs after this long")
     parser.add_argument("--grid", default="full", choices=("full", "quick", "prefetch"),
-                        help="tune-kernels' grid, or prefetch: 5 tiles x prefetch 1-3 x 4 splits")
+                        help="tune-kernels' grid, or prefetch: 5 tiles x (3-4 stages, 1-3 ahead) x 4 splits, and more")
     args = parser.parse_args()
     from inferkit.kernels import tune
     from inferkit.kernels.quant_matmul import gemv_register_cap
@@ -83,7 +83,7 @@ def main() -> None:
         # each capped config once more uncapped (configs launching uncapped anyway are not repeated)
         configs += [{**c, "REG_CAP": 0} for c in configs if "REG_CAP" not in c and c.get("KERNEL", "gemv") == "gemv"
                     and gemv_register_cap(1, 4, c["BN"], c["BK"], c["num_warps"], False, False, 128,
-                                          c.get("PREFETCH", 1))]
+                                          c.get("PREFETCH", 1), c.get("STAGES", 0))]
         copies = tune.operand_copies(problem, dev)
         rows = []
         for cfg in tune._unique(configs):

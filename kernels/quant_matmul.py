@@ -40,6 +40,7 @@ from inferkit.kernels import tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PTX = not INTERPRET and torch.version.hip is None  # inline PTX (_field's lop3): NVIDIA GPUs, compiled
+PIPELINE_STAGES = (2, 3, 4, 5)  # the GEMV's STAGES besides 0
 
 
 @triton.jit
@@ -338,28 +339,107 @@ def _row_update(acc, lo, hi, x_row, offs_kw, kw_mask, s, z, cs, BITS: tl.constex
 
 
 @triton.jit
+def _gemv_tile(acc0, acc1, acc2, acc3, words, offs_kw, kw_mask, k0, x_ptr, s_ptr, z_ptr, offs_n, n_mask, M, KW,
+               stride_xm, stride_sn, stride_zn, cs_off, cs_ch, BITS: tl.constexpr, GROUP: tl.constexpr,
+               HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, BKW: tl.constexpr,
+               VEC_X: tl.constexpr, EVEN_K: tl.constexpr, LOP3: tl.constexpr, X_STEP: tl.constexpr):
+    """One K tile of the GEMV: the tile's scales (and zero points), then each activation row's
+    update (``_row_update``) from the tile's words."""
+    VALS: tl.constexpr = 32 // BITS
+    OFF: tl.constexpr = 1 << (BITS - 1)
+    ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BKW * VALS <= GROUP and GROUP % (BKW * VALS) == 0
+    ZP_SUM: tl.constexpr = HAS_ZP and not PER_CHANNEL and not ONE_GROUP
+    if PER_CHANNEL:  # scales at the end
+        s = 1.0
+        z = 0.0
+        cs = cs_ch
+    else:
+        # One group per tile and no zero points: the scale as a [BN, 1] column. Else scales and
+        # zero points per word, loaded once per thread's 4 words (_scale_zero): the zero points'
+        # constants are then worked out once per row and group too (the 4 copies are one value).
+        # Loaded as [BN] rows instead, they took a layout change per constant in 4-warp tiles.
+        s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW,
+                           VALS, GROUP, HAS_ZP, ONE_GROUP and not HAS_ZP, GROUP // VALS)
+        cs = _negated_offsets(z + OFF, BITS) if HAS_ZP and not ZP_SUM else cs_off
+    lo, hi = _exponent_words(words, LOP3)
+    if X_STEP:
+        x_tile, x_kw = x_ptr + k0, tl.arange(0, BKW)
+    else:
+        x_tile, x_kw = x_ptr, offs_kw
+    acc0 = _row_update(acc0, lo, hi, x_tile, x_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X,
+                       LOP3)
+    if BM > 1:
+        acc1 = _row_update(acc1, lo, hi, x_tile + stride_xm, x_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM,
+                           EVEN_K, VEC_X, LOP3)
+    if BM > 2:
+        acc2 = _row_update(acc2, lo, hi, x_tile + 2 * stride_xm, x_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL,
+                           ZP_SUM, EVEN_K, VEC_X, LOP3)
+        acc3 = _row_update(acc3, lo, hi, x_tile + tl.minimum(3, M - 1) * stride_xm, x_kw, kw_mask, s, z, cs,
+                           BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X, LOP3)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z_ptr, offs_n, n_mask, M, KW, stride_xm,
+                      stride_wn, stride_sn, stride_zn, cs_off, cs_ch, BITS: tl.constexpr, GROUP: tl.constexpr,
+                      HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                      VEC_X: tl.constexpr, EVEN_K: tl.constexpr, LOP3: tl.constexpr, X_STEP: tl.constexpr,
+                      PREFETCH: tl.constexpr):
+    """The GEMV's K loop with the words of the tile PREFETCH (1-3) ahead loaded into registers
+    before this one is used, under a predicate and with no fill value (rows past N and the
+    prefetches past a split's last tile load nothing and are never stored)."""
+    VALS: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BK // VALS
+    offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo < k_hi), k_lo, KW, stride_wn,
+                                          VALS, BKW, EVEN_K)
+    kw1, m1, w1 = offs_kw, kw_mask, words  # the tiles 1 and 2 ahead (PREFETCH 2, 3)
+    kw2, m2, w2 = offs_kw, kw_mask, words
+    if PREFETCH >= 2:
+        kw1, m1, w1 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + BK < k_hi), k_lo + BK, KW, stride_wn,
+                                  VALS, BKW, EVEN_K)
+    if PREFETCH >= 3:
+        kw2, m2, w2 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + 2 * BK < k_hi), k_lo + 2 * BK, KW,
+                                  stride_wn, VALS, BKW, EVEN_K)
+    for k0 in range(k_lo, k_hi, BK):
+        ahead = k0 + PREFETCH * BK
+        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + ahead < k_hi), ahead, KW,
+                                            stride_wn, VALS, BKW, EVEN_K)
+        acc0, acc1, acc2, acc3 = _gemv_tile(acc0, acc1, acc2, acc3, words, offs_kw, kw_mask, k0, x_ptr, s_ptr, z_ptr,
+                                            offs_n, n_mask, M, KW, stride_xm, stride_sn, stride_zn, cs_off, cs_ch,
+                                            BITS, GROUP, HAS_ZP, PER_CHANNEL, BM, BKW, VEC_X, EVEN_K, LOP3, X_STEP)
+        if PREFETCH == 1:
+            offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
+        elif PREFETCH == 2:
+            offs_kw, kw_mask, words = kw1, m1, w1
+            kw1, m1, w1 = nxt_kw, nxt_mask, nxt
+        else:
+            offs_kw, kw_mask, words = kw1, m1, w1
+            kw1, m1, w1 = kw2, m2, w2
+            kw2, m2, w2 = nxt_kw, nxt_mask, nxt
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr,
                  EVEN_K: tl.constexpr, LOP3: tl.constexpr = False, X_STEP: tl.constexpr = False,
-                 PREFETCH: tl.constexpr = 1):
+                 PREFETCH: tl.constexpr = 1, STAGES: tl.constexpr = 0):
     """Works on the packed words in place (``_row_update``), for 1-4 activation rows (BM; rows past
-    M repeat row M - 1 and are not stored). The words of the tile PREFETCH (1-3) ahead are loaded
-    before this one is used (software pipelining by hand: Triton's pipeliner leaves loads that
-    feed no dot alone), under a predicate and with no fill value: rows past N and the prefetches
-    past a split's last tile load nothing and are never stored. Deeper prefetch keeps more bytes
-    in flight per thread for more registers (a split of few tiles then has them all in flight
-    from its start). EVEN_K (K a multiple
-    of BK): the inputs load without masks. X_STEP: the inputs are addressed from a pointer that
+    M repeat row M - 1 and are not stored), one K tile at a time (``_gemv_tile``). The loop either
+    loads the words of the tile PREFETCH (1-3) ahead into registers (``_gemv_prefetching``), or,
+    STAGES > 0, is Triton's pipelined loop: words, inputs and scales copied asynchronously
+    (``cp.async``) into shared memory STAGES - 1 tiles ahead, without registers to hold them.
+    In the compiled register loop ptxas issues each prefetch at the end of the iteration (its
+    registers are the used tile's), so 1 ahead overlaps the load with little of the work, 2
+    ahead with one iteration's. EVEN_K (K a multiple of BK): the inputs load without masks. X_STEP: the inputs are addressed from a pointer that
     steps with the tile and offsets that do not change, which ptxas turns into one address and
     immediate offsets for a thread's input loads (without it, each load's address is worked out
     anew every tile); see ``gemv_input_step`` for where."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
-    ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BK <= GROUP and GROUP % BK == 0
-    ZP_SUM: tl.constexpr = HAS_ZP and not PER_CHANNEL and not ONE_GROUP
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -376,56 +456,18 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     if PER_CHANNEL and HAS_ZP:
         cs_ch = _per_row(_negated_offsets(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32) + OFF,
                                           BITS), BITS)
-    offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo < k_hi), k_lo, KW, stride_wn,
-                                          VALS, BKW, EVEN_K)
-    kw1, m1, w1 = offs_kw, kw_mask, words  # the tiles 1 and 2 ahead (PREFETCH 2, 3)
-    kw2, m2, w2 = offs_kw, kw_mask, words
-    if PREFETCH >= 2:
-        kw1, m1, w1 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + BK < k_hi), k_lo + BK, KW, stride_wn,
-                                  VALS, BKW, EVEN_K)
-    if PREFETCH >= 3:
-        kw2, m2, w2 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + 2 * BK < k_hi), k_lo + 2 * BK, KW,
-                                  stride_wn, VALS, BKW, EVEN_K)
-    for k0 in range(k_lo, k_hi, BK):
-        ahead = k0 + PREFETCH * BK
-        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + ahead < k_hi), ahead, KW,
-                                            stride_wn, VALS, BKW, EVEN_K)
-        if PER_CHANNEL:  # scales at the end
-            s = 1.0
-            z = 0.0
-            cs = cs_ch
-        else:
-            # One group per tile and no zero points: the scale as a [BN, 1] column. Else scales and
-            # zero points per word, loaded once per thread's 4 words (_scale_zero): the zero points'
-            # constants are then worked out once per row and group too (the 4 copies are one value).
-            # Loaded as [BN] rows instead, they took a layout change per constant in 4-warp tiles.
-            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW,
-                               VALS, GROUP, HAS_ZP, ONE_GROUP and not HAS_ZP, GROUP // VALS)
-            cs = _negated_offsets(z + OFF, BITS) if HAS_ZP and not ZP_SUM else cs_off
-        lo, hi = _exponent_words(words, LOP3)
-        if X_STEP:
-            x_tile, x_kw = x_ptr + k0, tl.arange(0, BKW)
-        else:
-            x_tile, x_kw = x_ptr, offs_kw
-        acc0 = _row_update(acc0, lo, hi, x_tile, x_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X,
-                           LOP3)
-        if BM > 1:
-            acc1 = _row_update(acc1, lo, hi, x_tile + stride_xm, x_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL, ZP_SUM,
-                               EVEN_K, VEC_X, LOP3)
-        if BM > 2:
-            acc2 = _row_update(acc2, lo, hi, x_tile + 2 * stride_xm, x_kw, kw_mask, s, z, cs, BITS, PER_CHANNEL,
-                               ZP_SUM, EVEN_K, VEC_X, LOP3)
-            acc3 = _row_update(acc3, lo, hi, x_tile + tl.minimum(3, M - 1) * stride_xm, x_kw, kw_mask, s, z, cs,
-                               BITS, PER_CHANNEL, ZP_SUM, EVEN_K, VEC_X, LOP3)
-        if PREFETCH == 1:
-            offs_kw, kw_mask, words = nxt_kw, nxt_mask, nxt
-        elif PREFETCH == 2:
-            offs_kw, kw_mask, words = kw1, m1, w1
-            kw1, m1, w1 = nxt_kw, nxt_mask, nxt
-        else:
-            offs_kw, kw_mask, words = kw1, m1, w1
-            kw1, m1, w1 = kw2, m2, w2
-            kw2, m2, w2 = nxt_kw, nxt_mask, nxt
+    if STAGES > 0:  # Triton's pipeliner: cp.async into shared memory, STAGES - 1 tiles ahead
+        for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
+            offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW, EVEN_K)
+            acc0, acc1, acc2, acc3 = _gemv_tile(acc0, acc1, acc2, acc3, words, offs_kw, kw_mask, k0, x_ptr, s_ptr,
+                                                z_ptr, offs_n, n_mask, M, KW, stride_xm, stride_sn, stride_zn, cs_off,
+                                                cs_ch, BITS, GROUP, HAS_ZP, PER_CHANNEL, BM, BKW, VEC_X, EVEN_K, LOP3,
+                                                X_STEP)
+    else:
+        acc0, acc1, acc2, acc3 = _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z_ptr,
+                                                   offs_n, n_mask, M, KW, stride_xm, stride_wn, stride_sn, stride_zn,
+                                                   cs_off, cs_ch, BITS, GROUP, HAS_ZP, PER_CHANNEL, BM, BK, VEC_X,
+                                                   EVEN_K, LOP3, X_STEP, PREFETCH)
     acc = tl.where(offs_m[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
     if BM > 1:
         acc = tl.where(offs_m[:, None] == 1, tl.sum(acc1, 1)[None, :], acc)
@@ -598,7 +640,7 @@ def pick_config(M: int, N: int, K: int, group_size: int, device: torch.device, b
 
 
 def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool,
-                      group: int, prefetch: int = 1) -> int | None:
+                      group: int, prefetch: int = 1, stages: int = 0) -> int | None:
     """The register cap the GEMV launches with, or None: the registers of the kernel the H100
     sweeps measured, for the heuristic's decode tiles of 8 warps (one activation row, at most 2
     output rows per thread, tiles inside one group). Without zero points 64, so 4 programs fit
@@ -609,10 +651,11 @@ def gemv_register_cap(M: int, bits: int, BN: int, BK: int, num_warps: int, has_z
     field form, see ``field_lop3``). Not capped: 4-warp tiles
     (70-80 registers, 6-7 programs per SM; a cap of 64 spills inside the loop), tiles spanning
     groups (a cap spills with 3.6), tiles loaded more than one ahead (``PREFETCH``: at 64 registers
-    2 ahead spills 40 bytes, uncapped it takes 80)."""
+    2 ahead spills 40 bytes, uncapped it takes 80), the pipelined loop (``STAGES``: uncapped it
+    takes 64 at 3-4 stages and steps its input pointer; capped, 0.14 more instructions per weight)."""
     threads_per_row = max(1, BK * bits // 32 // 4)
     rows_per_thread = BN * threads_per_row / (32 * num_warps)
-    if M != 1 or prefetch > 1 or num_warps < 8 or rows_per_thread > 2 \
+    if M != 1 or prefetch > 1 or stages or num_warps < 8 or rows_per_thread > 2 \
             or not _tiles_in_one_group(per_channel, group, BK):
         return None
     return 80 if has_zp else 64
@@ -644,13 +687,14 @@ def field_lop3(kernel: str, has_zp: bool, reg_cap: int | None, ptx: bool = PTX) 
 
 
 def gemv_options(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bool, per_channel: bool, group: int,
-                 even_k: bool, reg_cap: int | None = None, ptx: bool = PTX, prefetch: int = 1) -> dict:
+                 even_k: bool, reg_cap: int | None = None, ptx: bool = PTX, prefetch: int = 1, stages: int = 0) -> dict:
     """The GEMV's launch options that follow from its tile: ``EVEN_K``, ``LOP3``, ``X_STEP``,
-    ``PREFETCH`` and ``maxnreg`` (absent when uncapped). ``reg_cap``: a config's ``REG_CAP`` (0:
-    none); None lets ``gemv_register_cap`` decide. ``prefetch``: a config's ``PREFETCH``."""
-    cap = (gemv_register_cap(M, bits, BN, BK, num_warps, has_zp, per_channel, group, prefetch) if reg_cap is None
-           else reg_cap)
-    return {"EVEN_K": even_k, "LOP3": field_lop3("gemv", has_zp, cap, ptx), "PREFETCH": prefetch,
+    ``PREFETCH``, ``STAGES`` and ``maxnreg`` (absent when uncapped). ``reg_cap``: a config's
+    ``REG_CAP`` (0: none); None lets ``gemv_register_cap`` decide. ``prefetch``, ``stages``: a
+    config's ``PREFETCH`` and ``STAGES``."""
+    cap = (gemv_register_cap(M, bits, BN, BK, num_warps, has_zp, per_channel, group, prefetch, stages)
+           if reg_cap is None else reg_cap)
+    return {"EVEN_K": even_k, "LOP3": field_lop3("gemv", has_zp, cap, ptx), "PREFETCH": prefetch, "STAGES": stages,
             "X_STEP": gemv_input_step(cap, per_channel, group, BK), **({"maxnreg": cap} if cap else {})}
 
 
@@ -704,10 +748,13 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
     if gemv:
-        if cfg.get("PREFETCH", 1) not in (1, 2, 3):
-            raise ValueError(f"PREFETCH {cfg['PREFETCH']!r}: the GEMV loads 1, 2 or 3 tiles ahead")
+        prefetch, stages = cfg.get("PREFETCH", 1), cfg.get("STAGES", 0)
+        if prefetch not in (1, 2, 3):
+            raise ValueError(f"PREFETCH {prefetch!r}: the GEMV loads 1, 2 or 3 tiles ahead")
+        if stages not in (0, *PIPELINE_STAGES) or (stages and prefetch != 1):
+            raise ValueError(f"STAGES {stages!r}: 0 (PREFETCH's loop) or 2-5 (the pipelined loop, without PREFETCH)")
         options = gemv_options(M, bits, bn, cfg["BK"], cfg["num_warps"], has_zp, per_channel, group,
-                               K % cfg["BK"] == 0, cfg.get("REG_CAP"), prefetch=cfg.get("PREFETCH", 1))
+                               K % cfg["BK"] == 0, cfg.get("REG_CAP"), prefetch=prefetch, stages=stages)
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
@@ -723,8 +770,8 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     in the kernel, in float32, before the output's rounding. ``config``: tiles and split-K
     (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones,
     ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``), the GEMV's ``REG_CAP``
-    (registers per thread, 0 for none; default ``gemv_register_cap``) and ``PREFETCH`` (tiles
-    loaded ahead, 1-3; default 1). bf16 inputs must be (or
+    (registers per thread, 0 for none; default ``gemv_register_cap``), ``PREFETCH`` (tiles
+    loaded ahead into registers, 1-3; default 1) or ``STAGES`` (2-5: the pipelined loop). bf16 inputs must be (or
     are copied to be) 4-byte aligned with an even row stride; zero points must be integers, as
     compressed-tensors stores them."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:

@@ -105,7 +105,7 @@ GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride
 
 def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, BK: int = 128, split: int = 1,
                         num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False, one_dot: bool = True,
-                        vec_x: bool = True, even_k: bool = True, prefetch: int = 1):
+                        vec_x: bool = True, even_k: bool = True, prefetch: int = 1, stages: int = 0):
     """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations)."""
     from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel, field_lop3, gemv_options, mma_one_dot
 
@@ -113,7 +113,7 @@ def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, 
                   SPLIT_K=split)
     if M <= 4:
         options = gemv_options(M, bits, BN, BK, num_warps, zero_points, False, group, even_k, ptx=True,
-                               prefetch=prefetch)
+                               prefetch=prefetch, stages=stages)
         cap = options.pop("maxnreg", None)
         return compile_for(_gemv_kernel, GEMV_SIG, {**consts, "BM": triton.next_power_of_2(M), "VEC_X": vec_x, **options},
                            num_warps=num_warps, divisible=GEMV_DIVISIBLE, maxnreg=cap)
@@ -219,7 +219,8 @@ def report() -> list[dict]:
               dict(K=4096, N=4096, M=4, group=128, zp=False), dict(K=4096, N=4096, M=20, group=128, zp=False, ieee=True),
               dict(K=4096, N=14336, M=8, group=128, zp=False, one_dot=False),
               dict(K=4096, N=14336, M=1, group=128, zp=False, vec_x=False),
-              dict(K=4096, N=14336, M=1, group=128, zp=False, prefetch=2)]
+              dict(K=4096, N=14336, M=1, group=128, zp=False, prefetch=2),
+              dict(K=4096, N=14336, M=1, group=128, zp=False, stages=4), dict(K=1536, N=576, M=1, group=64, zp=True, stages=3)]
     rows = []
     for case in cases:
         # 3-4 rows: the GEMV as a measured table or the tuner may launch it there (the heuristic
@@ -228,7 +229,8 @@ def report() -> list[dict]:
         c = inspect(quant_matmul_kernel(case["M"], group=case["group"], BN=cfg["BN"], BK=cfg["BK"], split=cfg["SPLIT_K"],
                                         num_warps=cfg["num_warps"], zero_points=case["zp"],
                                         mma_ieee=case.get("ieee", False), one_dot=case.get("one_dot", True),
-                                        vec_x=case.get("vec_x", True), prefetch=case.get("prefetch", 1)))
+                                        vec_x=case.get("vec_x", True), prefetch=case.get("prefetch", 1),
+                                        stages=case.get("stages", 0)))
         kind = "gemv" if case["M"] <= 4 else "mma"
         weights = cfg["BN"] * cfg["BK"] / (32 * cfg["num_warps"])  # per thread per loop iteration
         rows.append({"kernel": kind, **case, "config": cfg, "registers": c.registers, "spill_bytes": c.spill_bytes,
@@ -278,7 +280,8 @@ def main() -> None:
             cfg = r["config"]
             name = f"{r['kernel']} M{r['M']}" + (" zp" if r["zp"] else "") + (" fp32" if r.get("ieee") else "") \
                 + (" dot/value" if r.get("one_dot") is False else "") + (" strided x" if r.get("vec_x") is False else "") \
-                + (f" {r['prefetch']} ahead" if r.get("prefetch", 1) > 1 else "")
+                + (f" {r['prefetch']} ahead" if r.get("prefetch", 1) > 1 else "") \
+                + (f" {r['stages']} stages" if r.get("stages") else "")
             table.add_row(name, f"{r['K']}x{r['N']} g{r['group']}",
                           f"{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} split {cfg['SPLIT_K']}", str(r["registers"]),
                           str(r["spill_bytes"]), str(sum(loop.values())), f"{r['loop_per_weight']:.2f}",

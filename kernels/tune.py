@@ -91,7 +91,7 @@ def model_problems(model) -> list[Problem]:
 def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.device, grid: str = "full") -> list[dict]:
     """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
     dozen to three dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
-    warps, load variants, prefetch depths (1-2 rows) and splits over a wider range; ``smoke``:
+    warps, load variants, prefetch and pipelining (1-2 rows) and splits over a wider range; ``smoke``:
     one tiny config per kernel."""
     from inferkit.kernels import tuned
     from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config
@@ -112,12 +112,14 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
                 cfg["KERNEL"] = "mma"
             out.append(cfg)
         return _unique(out)
-    shapes: list[tuple] = []  # (kernel, BN, warps, variant, splits[, GEMV prefetch])
+    shapes: list[tuple] = []  # (kernel, BN, warps, variant, splits[, GEMV loop keys])
     if grid == "quick":
         if M == 1:
             shapes = [("gemv", bn, w, v, (1, 4, 8, 16)) for bn, w, v in
                       [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]]
-            shapes += [("gemv", bn, w, True, (4, 8, 16), 2) for bn, w in [(64, 4), (128, 8)]]  # 2 tiles ahead
+            # loading 2 tiles ahead into registers; the pipelined loop, 4 stages
+            shapes += [("gemv", bn, w, True, (4, 8, 16), ahead) for bn, w in [(64, 4), (128, 8)]
+                       for ahead in ({"PREFETCH": 2}, {"STAGES": 4})]
         elif M <= 4:
             shapes = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]
             shapes += [("mma", bn, 4, True, (1, 4)) for bn in (64, 128)]
@@ -131,8 +133,9 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
                     if 1 <= words <= (16 if M == 1 else 8):
                         shapes.append(("gemv", bn, w, True, (1, 2, 4, 8, 16)))
             shapes.append(("gemv", picked["BN"], picked["num_warps"], False, (1, 2, 4, 8, 16)))
-            if M <= 2:  # the picked tile loading 2 and 3 tiles ahead
-                shapes += [("gemv", picked["BN"], picked["num_warps"], True, (1, 2, 4, 8, 16), pf) for pf in (2, 3)]
+            if M <= 2:  # the picked tile loading 2 and 3 tiles ahead, and pipelined in 3 and 4 stages
+                shapes += [("gemv", picked["BN"], picked["num_warps"], True, (1, 2, 4, 8, 16), ahead)
+                           for ahead in ({"PREFETCH": 2}, {"PREFETCH": 3}, {"STAGES": 3}, {"STAGES": 4})]
             if M > 1:
                 shapes += [("mma", bn, 4, True, (1, 2, 4)) for bn in (64, 128)]
         else:
@@ -147,7 +150,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             if split > 1 and K < bk * split:  # every split gets at least one tile of inputs
                 continue
             cfg = {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps,
-                   ("VEC_X" if kernel == "gemv" else "ONE_DOT"): variant, **({"PREFETCH": ahead[0]} if ahead else {})}
+                   ("VEC_X" if kernel == "gemv" else "ONE_DOT"): variant, **(ahead[0] if ahead else {})}
             if kernel == "mma" and M <= 4:
                 cfg["KERNEL"] = "mma"
             out.append(cfg)

@@ -17,7 +17,9 @@ Table format::
 ``group`` is K for per-channel scales; ``KERNEL`` (optional) is ``gemv`` or ``mma``, the GEMV
 kernel being the default up to 4 rows and allowed only there; ``REG_CAP`` (optional) the GEMV's
 registers per thread (0: none; without it, ``quant_matmul.gemv_register_cap`` decides); ``PREFETCH``
-(optional, 1-3, default 1) how many tiles ahead the GEMV loads its words. Row buckets: 1, 2, 3, 4 exactly;
+(optional, 1-3, default 1) how many tiles ahead the GEMV loads its words into registers;
+``STAGES`` (optional, 0 or 2-5, default 0) the GEMV's pipelined loop instead (cp.async through
+shared memory). Row buckets: 1, 2, 3, 4 exactly;
 then 5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket
 serving the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
 bounded number of compiled variants for mixed prefill steps).
@@ -35,7 +37,7 @@ ENV = "INFERKIT_KERNEL_CONFIGS"
 PACKAGED = Path(__file__).with_name("configs")
 _INTS = ("bits", "group", "K", "N", "M", "BN", "BK", "SPLIT_K", "num_warps")
 TILE = ("BN", "BK", "SPLIT_K", "num_warps")  # a config's keys an entry always has
-OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "PREFETCH")  # and those it may have
+OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "PREFETCH", "STAGES")  # and those it may have
 
 
 def slug(device_name: str) -> str:
@@ -90,6 +92,9 @@ def _check(entry: dict, where: str) -> dict:
         raise bad("'REG_CAP' must be 0 (no cap) or a multiple of 8 registers from 24 to 248")
     if "PREFETCH" in entry and (isinstance(entry["PREFETCH"], bool) or entry["PREFETCH"] not in (1, 2, 3)):
         raise bad("'PREFETCH' must be 1, 2 or 3 tiles ahead")
+    if "STAGES" in entry and (isinstance(entry["STAGES"], bool) or entry["STAGES"] not in (0, 2, 3, 4, 5)
+                              or entry["STAGES"] and entry.get("PREFETCH", 1) != 1):
+        raise bad("'STAGES' must be 0 or 2-5 (the pipelined GEMV loop, which takes no 'PREFETCH')")
     return entry
 
 

@@ -27,6 +27,7 @@ def describe(cfg: dict) -> str:
     variant = {("gemv", False): " strided-x", ("mma", False): " dot/value"}.get((kernel, cfg.get("VEC_X", cfg.get("ONE_DOT", True))), "")
     cap = f" regs{cfg['REG_CAP'] or '-uncapped'}" if "REG_CAP" in cfg else ""
     ahead = f" pf{cfg['PREFETCH']}" if cfg.get("PREFETCH", 1) != 1 else ""
+    ahead += f" st{cfg['STAGES']}" if cfg.get("STAGES") else ""
     return f"{kernel} {cfg['BN']}x{cfg['BK']} k{cfg['SPLIT_K']} w{cfg['num_warps']}{variant}{cap}{ahead}"
 
 

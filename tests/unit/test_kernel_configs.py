@@ -48,6 +48,8 @@ def test_written_table_reads_back_and_serves_its_bucket(tmp_path, monkeypatch):
     mma = {"BN": 128, "BK": 256, "SPLIT_K": 2, "num_warps": 4, "ONE_DOT": False, "VEC_X": False}
     for m in (5, 8, 16):  # the entry measured at 8 rows serves 5-16
         assert tuned.lookup(m, 14336, 4096, 128, 4, H100) == mma
+    piped = tuned.write_table(tmp_path / "piped.json", H100, [entry(STAGES=4)])  # the pipelined GEMV loop
+    assert tuned.read_table(piped)[1][0]["STAGES"] == 4
     # anything else is the heuristic's: other rows, shape, group, bits, GPU model, no GPU
     assert tuned.lookup(2, 14336, 4096, 128, 4, H100) is None
     assert tuned.lookup(17, 14336, 4096, 128, 4, H100) is None
@@ -93,6 +95,8 @@ def test_override_wins_over_packaged_table(tmp_path, monkeypatch):
     (entry(REG_CAP=True), "'REG_CAP' must be 0"),
     (entry(PREFETCH=4), "'PREFETCH' must be 1, 2 or 3"),
     (entry(PREFETCH=True), "'PREFETCH' must be 1, 2 or 3"),
+    (entry(STAGES=1), "'STAGES' must be 0 or 2-5"),
+    (entry(STAGES=3, PREFETCH=2), "'STAGES' must be 0 or 2-5"),
     ({k: v for k, v in entry().items() if k != "N"}, "'N' must be a positive integer"),
 ])
 def test_bad_entries_are_refused_with_the_reason(tmp_path, bad, why):

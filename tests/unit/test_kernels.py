@@ -245,7 +245,7 @@ def test_quant_matmul_random_configs_match_reference():
     import random
 
     rng = random.Random(6)
-    ahead = random.Random(7)  # the GEMV's prefetch depth, drawn apart (the other draws stay as they were)
+    ahead = random.Random(7)  # the GEMV's loop, drawn apart (the other draws stay as they were)
     for _ in range(24):
         M = rng.choice([1, 2, 3, 4, 5, 9])
         bits = rng.choice([4, 8])
@@ -254,7 +254,8 @@ def test_quant_matmul_random_configs_match_reference():
         N = rng.choice([24, 40, 72])
         cfg = {"BN": rng.choice([16, 32, 64]), "SPLIT_K": rng.choice([1, 2, 3, 4]), "num_warps": rng.choice([1, 2, 4])}
         if M <= 4:
-            cfg.update(BK=rng.choice([64, 128, 256]), VEC_X=rng.random() < 0.5, PREFETCH=ahead.choice([1, 2, 3]))
+            cfg.update(BK=rng.choice([64, 128, 256]), VEC_X=rng.random() < 0.5)
+            cfg.update(ahead.choice([{"PREFETCH": 1}, {"PREFETCH": 2}, {"PREFETCH": 3}, {"STAGES": 3}]))
         else:
             cfg.update(BK=rng.choice([16, 32]) * (32 // bits), ONE_DOT=rng.random() < 0.5)
         x, w, s, z = quant_case(M, N, K, bits, group, rng.random() < 0.5, torch.float32, seed=rng.randrange(1000))
@@ -463,21 +464,29 @@ def test_decode_gemv_register_cap_and_its_override():
     (1, 128, False, 384, dict(BN=32, BK=128, SPLIT_K=1, num_warps=8)),  # 3 tiles: all in flight at 3 ahead
 ], ids=["9tiles", "split3", "channel-oddK", "3tiles"])
 def test_gemv_loading_tiles_further_ahead_gives_the_same_bits(M, group, asym, K, cfg):
-    """PREFETCH 2 and 3 change when a tile's words are loaded, not the arithmetic: the same bits as
-    1 ahead, including splits shorter than the prefetch (whose extra loads are predicated off),
-    and the reference's numbers. Further ahead launches uncapped (a cap would spill)."""
+    """PREFETCH 2 and 3, and the pipelined loop (STAGES 2-5), change when a tile's words are
+    loaded, not the arithmetic: the same bits as 1 ahead, including splits shorter than the
+    prefetch (whose extra loads are predicated off), and the reference's numbers. Both launch
+    uncapped (a cap spills, or costs instructions). (The interpreter runs the pipelined loop as
+    written; the copies it becomes are checked on a GPU and compiled for sm_90 in
+    test_kernels_sm90.)"""
     from inferkit.kernels import quant_matmul as qm
 
     x, w, s, z = quant_case(M, 40, K, 4, group, asym, torch.bfloat16, seed=K)
     one = quant_matmul(x, w, s, z, 4, group, config={**cfg, "PREFETCH": 1})
     assert rel_err(one, reference_quant_matmul(x, w, s, z, 4, group)) < TOL[torch.bfloat16]
-    for ahead in (2, 3):
-        assert torch.equal(quant_matmul(x, w, s, z, 4, group, config={**cfg, "PREFETCH": ahead}), one), ahead
+    for ahead in ({"PREFETCH": 2}, {"PREFETCH": 3}, {"STAGES": 2}, {"STAGES": 3}, {"STAGES": 5}):
+        assert torch.equal(quant_matmul(x, w, s, z, 4, group, config={**cfg, **ahead}), one), ahead
     opts = qm.gemv_options(1, 4, 128, 128, 8, False, False, 128, True, prefetch=2)
-    assert opts["PREFETCH"] == 2 and "maxnreg" not in opts
+    assert opts["PREFETCH"] == 2 and opts["STAGES"] == 0 and "maxnreg" not in opts
+    opts = qm.gemv_options(1, 4, 128, 128, 8, False, False, 128, True, stages=4)
+    assert opts["STAGES"] == 4 and "maxnreg" not in opts and opts["X_STEP"]
     assert qm.gemv_options(1, 4, 128, 128, 8, False, False, 128, True)["maxnreg"] == 64
     with pytest.raises(ValueError, match="PREFETCH 4"):
         quant_matmul(x, w, s, z, 4, group, config={**cfg, "PREFETCH": 4})
+    for bad in ({"STAGES": 1}, {"STAGES": 3, "PREFETCH": 2}):
+        with pytest.raises(ValueError, match="STAGES"):
+            quant_matmul(x, w, s, z, 4, group, config={**cfg, **bad})
 
 
 def test_one_lop3_per_value_where_ptx_runs():

@@ -153,11 +153,13 @@ def test_candidate_grids():
     quick = tune.candidates(1, 14336, 4096, 128, 4, dev, "quick")
     assert full[0] == quick[0] == {**qm.pick_config(1, 14336, 4096, 128, dev, 4), "VEC_X": True}
     assert len({tuple(sorted(c.items())) for c in full}) == len(full)  # no repeats
-    # 6 tiles x 4 splits (the heuristic's among them), 2 of them also 2 tiles ahead at 3 splits
-    assert len(quick) == 31 and len(full) > len(quick)
-    assert sorted((c["BN"], c["num_warps"], c["SPLIT_K"]) for c in quick if c.get("PREFETCH") == 2) == \
-        [(64, 4, 4), (64, 4, 8), (64, 4, 16), (128, 8, 4), (128, 8, 8), (128, 8, 16)]
-    assert {c.get("PREFETCH", 1) for c in full} == {1, 2, 3}
+    # 6 tiles x 4 splits (the heuristic's among them), 2 of them also 2 tiles ahead and in 4
+    # pipelined stages at 3 splits
+    assert len(quick) == 37 and len(full) > len(quick)
+    for keys in ({"PREFETCH": 2}, {"STAGES": 4}):
+        assert sorted((c["BN"], c["num_warps"], c["SPLIT_K"]) for c in quick if keys.items() <= c.items()) == \
+            [(64, 4, 4), (64, 4, 8), (64, 4, 16), (128, 8, 4), (128, 8, 8), (128, 8, 16)]
+    assert {c.get("PREFETCH", 1) for c in full} == {1, 2, 3} and {c.get("STAGES", 0) for c in full} == {0, 3, 4}
     assert quick[1] == {**quick[0], "REG_CAP": 0} and full[1] == quick[1]  # and it uncapped
     assert {c["SPLIT_K"] for c in full} == {1, 2, 4, 8, 16}
     for c in full:  # every GEMV tile gives each thread 1-16 packed words
@@ -180,4 +182,5 @@ def test_table_labels_for_times_and_configs():
     assert describe({"M": 16, "BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "ONE_DOT": False}) == "mma 64x128 k4 w4 dot/value"
     assert describe({"M": 1, "BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8, "REG_CAP": 0}) == "gemv 128x128 k8 w8 regs-uncapped"
     assert describe({"M": 1, "BN": 64, "BK": 128, "SPLIT_K": 8, "num_warps": 4, "PREFETCH": 2}) == "gemv 64x128 k8 w4 pf2"
+    assert describe({"M": 1, "BN": 64, "BK": 128, "SPLIT_K": 8, "num_warps": 4, "STAGES": 3}) == "gemv 64x128 k8 w4 st3"
     assert describe({"M": 2, "KERNEL": "mma", "BN": 64, "BK": 128, "SPLIT_K": 1, "num_warps": 4}) == "mma 64x128 k1 w4"
