@@ -118,7 +118,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             shapes = [("gemv", bn, w, v, (1, 4, 8, 16)) for bn, w, v in
                       [(64, 2, True), (64, 4, True), (128, 4, True), (128, 8, True), (256, 8, True), (128, 4, False)]]
             # loading 2 tiles ahead into registers; the pipelined loop, 4 stages
-            shapes += [("gemv", bn, w, True, (4, 8, 16), ahead) for bn, w in [(64, 4), (128, 8)]
+            shapes += [("gemv", bn, w, True, (4, 8), ahead) for bn, w in [(64, 4), (128, 8)]
                        for ahead in ({"PREFETCH": 2}, {"STAGES": 4})]
         elif M <= 4:
             shapes = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]

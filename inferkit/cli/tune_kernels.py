@@ -46,7 +46,7 @@ def tune_kernels(
     out: Annotated[Path, typer.Option("--out", "-o", help="The table to write (JSON); point INFERKIT_KERNEL_CONFIGS at it.")],
     rows: Annotated[str, typer.Option(help="Activation row counts to tune, one per bucket: 1, 2, 3, 4 exactly, then 5-16, 17-32, 33-64.")] = "1,2,3,4,16,32,64",
     dtype: Annotated[str, typer.Option(help="Activation dtype the runtime will serve in: bfloat16, float16 or float32.")] = "bfloat16",
-    grid: Annotated[str, typer.Option(help="Configs per shape and row count: full (about 30-70), quick (6-37, around the heuristic), smoke (one per kernel: checks the command).")] = "full",
+    grid: Annotated[str, typer.Option(help="Configs per shape and row count: full (about 30-70), quick (6-33, around the heuristic), smoke (one per kernel: checks the command).")] = "full",
     device: Annotated[Optional[str], typer.Option(help="cuda (default when there is one), or cpu under TRITON_INTERPRET=1 (a functional check; its times mean nothing).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the table if it exists.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Add to an existing table for this GPU (entries measured again are replaced).")] = False,
