@@ -35,6 +35,10 @@ class Compiled:
     loop: collections.Counter = field(default_factory=collections.Counter)  # opcode -> count, hot loop
     all: collections.Counter = field(default_factory=collections.Counter)
     loops: list = field(default_factory=list)  # opcode counters of every loop, in code order
+    # the hot loop's 16-byte global loads and asynchronous copies: (position in the loop, opcode),
+    # e.g. where ptxas issues a prefetch (all at the end of the loop: it overlaps little work)
+    wide_loads: list = field(default_factory=list)
+    loop_length: int = 0
 
     def per_item(self, items: float) -> float:
         """Instructions per item (e.g. per weight per thread) in the hot loop."""
@@ -93,8 +97,11 @@ def inspect(kernel) -> Compiled:
             if loop is None or i - labels[m.group(1)] > loop[1] - loop[0]:  # the longest: the hot loop
                 loop = spans[-1]
     body = lines[loop[0]:loop[1] + 1] if loop else []
+    instructions = [line for line in body if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    wide = [(i, m.group(1)) for i, line in enumerate(instructions)
+            if (m := re.search(r"\s(LDG(?:STS)?\.E\S*\.128)\s", line))]
     return Compiled(num("REG"), num("STACK") + num("LOCAL"), num("SHARED"), _opcodes(body), _opcodes(lines),
-                    [_opcodes(lines[a:b + 1]) for a, b in spans])
+                    [_opcodes(lines[a:b + 1]) for a, b in spans], wide, len(instructions))
 
 
 GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
@@ -235,7 +242,8 @@ def report() -> list[dict]:
         weights = cfg["BN"] * cfg["BK"] / (32 * cfg["num_warps"])  # per thread per loop iteration
         rows.append({"kernel": kind, **case, "config": cfg, "registers": c.registers, "spill_bytes": c.spill_bytes,
                      "loop": dict(c.loop), "all": dict(c.all), "weights_per_thread": weights,
-                     "loop_per_weight": c.per_item(weights)})
+                     "loop_per_weight": c.per_item(weights), "loop_length": c.loop_length,
+                     "wide_loads": c.wide_loads})
     for dtype in ("bf16", "fp16", "fp32"):
         split, merge = paged_attention_kernels(dtype)
         kernels = [("attention-split", "32/8 heads, dim 128", split), ("attention-merge", "32/8 heads, dim 128", merge),
@@ -270,8 +278,10 @@ def main() -> None:
         print(json.dumps(rows))
         return
     table = Table(title="Kernels compiled for sm_90 (bf16 activations unless noted), tiles as quant_matmul picks "
-                        "them for an H100; hot loop per thread")
-    for col in ("kernel", "shape", "tile", "regs", "spill B", "loop instr", "per weight", "I2F", "top opcodes"):
+                        "them for an H100; hot loop per thread; 16-byte loads by position in the loop "
+                        "(a: asynchronous copies)")
+    for col in ("kernel", "shape", "tile", "regs", "spill B", "loop instr", "per weight", "I2F", "top opcodes",
+                "16-byte loads at"):
         table.add_column(col)
     for r in rows:
         loop = collections.Counter(r["loop"])
@@ -285,10 +295,11 @@ def main() -> None:
             table.add_row(name, f"{r['K']}x{r['N']} g{r['group']}",
                           f"{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} split {cfg['SPLIT_K']}", str(r["registers"]),
                           str(r["spill_bytes"]), str(sum(loop.values())), f"{r['loop_per_weight']:.2f}",
-                          str(loop["I2F"] + loop["I2FP"]), top)
+                          str(loop["I2F"] + loop["I2FP"]), top,
+                          ",".join(str(i) + ("a" if op.startswith("LDGSTS") else "") for i, op in r["wide_loads"]))
         else:
             table.add_row(f"{r['kernel']} {r['dtype']}", r["heads"], "", str(r["registers"]),
-                          str(r["spill_bytes"]), str(sum(loop.values())), "", "", top)
+                          str(r["spill_bytes"]), str(sum(loop.values())), "", "", top, "")
     Console(width=200).print(table)
 
 
