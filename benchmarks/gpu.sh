@@ -77,8 +77,8 @@ if [[ $PARTS == *tune* ]]; then
 fi
 # 5. (Only when GPU_PARTS names it.) Nsight Compute on the INT4 decode GEMV at 4096x14336: memory
 #    throughput, occupancy, warp stalls by reason and the memory chart: the H100 table's tiles, the
-#    heuristic's, and the heuristic's loading 2 tiles ahead (GPU_PROFILE_CONFIGS: ';'-separated
-#    JSON configs instead, "" for the table's).
+#    heuristic's, and the heuristic's loading 2 tiles ahead and pipelined in 4 stages
+#    (GPU_PROFILE_CONFIGS: ';'-separated JSON configs instead, "" for the table's).
 if [[ $PARTS == *profile* ]]; then
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   if [ -z "$ncu" ]; then
@@ -91,6 +91,7 @@ if [[ $PARTS == *profile* ]]; then
     done
     default_cfgs=';{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8}'
     default_cfgs+=';{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8, "PREFETCH": 2}'
+    default_cfgs+=';{"BN": 128, "BK": 128, "SPLIT_K": 8, "num_warps": 8, "STAGES": 4}'
     IFS=';' read -ra cfgs <<< "${GPU_PROFILE_CONFIGS:-$default_cfgs}"
     for cfg in "${cfgs[@]}"; do
       timeout 90 "$ncu" --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
