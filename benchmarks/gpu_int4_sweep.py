@@ -3,7 +3,7 @@ each capped config also without the register cap, beside bf16 ``torch.matmul`` t
 way (graph-replayed, operands cycled past L2). For the issue's 2.5x target at 4096x14336, where
 the quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x. ``--grid prefetch``: the GEMV's
 tiles pipelined (``STAGES``) or loading 1-3 tiles ahead (``PREFETCH``), the bytes-in-flight
-experiment (about 115 configs: ``GPU_SWEEP_S=280``).
+experiment (134 timings at 4096x14336: ``GPU_SWEEP_S=280``).
 
     python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200] \
         [--grid prefetch --shapes 4096x14336,14336x4096]
