@@ -36,7 +36,7 @@ class Compiled:
     all: collections.Counter = field(default_factory=collections.Counter)
     loops: list = field(default_factory=list)  # opcode counters of every loop, in code order
     # the hot loop's 16-byte global loads and asynchronous copies: (position in the loop, opcode),
-    # e.g. where ptxas issues a prefetch (all at the end of the loop: it overlaps little work)
+    # e.g. where ptxas issues a prefetch (at the end of the loop it overlaps little of the work)
     wide_loads: list = field(default_factory=list)
     loop_length: int = 0
 
@@ -227,7 +227,8 @@ def report() -> list[dict]:
               dict(K=4096, N=14336, M=8, group=128, zp=False, one_dot=False),
               dict(K=4096, N=14336, M=1, group=128, zp=False, vec_x=False),
               dict(K=4096, N=14336, M=1, group=128, zp=False, prefetch=2),
-              dict(K=4096, N=14336, M=1, group=128, zp=False, stages=4), dict(K=1536, N=576, M=1, group=64, zp=True, stages=3)]
+              dict(K=4096, N=14336, M=1, group=128, zp=False, stages=4),
+              dict(K=1536, N=576, M=1, group=64, zp=True, stages=3)]
     rows = []
     for case in cases:
         # 3-4 rows: the GEMV as a measured table or the tuner may launch it there (the heuristic
