@@ -431,9 +431,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     loads the words of the tile PREFETCH (1-3) ahead into registers (``_gemv_prefetching``), or,
     STAGES > 0, is Triton's pipelined loop: words, inputs and scales copied asynchronously
     (``cp.async``) into shared memory STAGES - 1 tiles ahead, without registers to hold them.
-    In the compiled register loop ptxas issues each prefetch at the end of the iteration (its
-    registers are the used tile's), so 1 ahead overlaps the load with little of the work, 2
-    ahead with one iteration's. EVEN_K (K a multiple of BK): the inputs load without masks. X_STEP: the inputs are addressed from a pointer that
+    In the compiled register loop ptxas issues the 1-ahead prefetch at the end of the iteration
+    (its registers are the used tile's: ``python -m inferkit.kernels.sass``), so it overlaps the
+    load with little of the work; 2 ahead overlaps at least one iteration's. EVEN_K (K a multiple
+    of BK): the inputs load without masks. X_STEP: the inputs are addressed from a pointer that
     steps with the tile and offsets that do not change, which ptxas turns into one address and
     immediate offsets for a thread's input loads (without it, each load's address is worked out
     anew every tile); see ``gemv_input_step`` for where."""
