@@ -488,7 +488,10 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
     """Dequantize a [BN, BK] tile in registers and multiply on the tensor cores. ONE_DOT: the
     values are joined back into the inputs' order for a single dot per tile (2 barriers per tile
     in the compiled loop, inputs loaded asynchronously); otherwise one dot per value position
-    over the inputs ``VALS*w + j`` (a sum over K in any order; 16 barriers per tile)."""
+    over the inputs ``VALS*w + j`` (a sum over K in any order; 16 barriers per tile). The loop is
+    Triton's pipelined one with the launch's ``num_stages`` (a config's ``STAGES``, default 2):
+    at 2 stages the compiled loop waits for every copy before a tile's work (``DEPBAR.LE SB0,
+    0``), so no load overlaps it; at 3 and 4, 1 and 2 tiles stay in flight."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
@@ -758,8 +761,11 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                                K % cfg["BK"] == 0, cfg.get("REG_CAP"), prefetch=prefetch, stages=stages)
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
+    stages = cfg.get("STAGES", 2)
+    if stages not in PIPELINE_STAGES:
+        raise ValueError(f"STAGES {stages!r}: the MMA kernel's pipelined loop takes 2-5 stages")
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
-        **consts, "IEEE": ieee, "ONE_DOT": one_dot, "LOP3": field_lop3("mma", has_zp, None), "num_stages": 2}
+        **consts, "IEEE": ieee, "ONE_DOT": one_dot, "LOP3": field_lop3("mma", has_zp, None), "num_stages": stages}
 
 
 def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -772,8 +778,9 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones,
     ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``), the GEMV's ``REG_CAP``
     (registers per thread, 0 for none; default ``gemv_register_cap``), ``PREFETCH`` (tiles
-    loaded ahead into registers, 1-3; default 1) or ``STAGES`` (2-5: the pipelined loop). bf16 inputs must be (or
-    are copied to be) 4-byte aligned with an even row stride; zero points must be integers, as
+    loaded ahead into registers, 1-3; default 1) or ``STAGES`` (2-5: the pipelined loop); the
+    MMA kernel's ``STAGES`` (its pipeline's, 2-5; default 2). bf16 inputs must be (or are copied
+    to be) 4-byte aligned with an even row stride; zero points must be integers, as
     compressed-tensors stores them."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:
         raise ValueError("quant_matmul: x must be [M, K] and the packed weights int32")

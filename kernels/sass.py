@@ -39,6 +39,8 @@ class Compiled:
     # e.g. where ptxas issues a prefetch (at the end of the loop it overlaps little of the work)
     wide_loads: list = field(default_factory=list)
     loop_length: int = 0
+    # the hot loop's waits for asynchronous copies: the copy groups each lets stay in flight
+    loop_waits: list = field(default_factory=list)
 
     def per_item(self, items: float) -> float:
         """Instructions per item (e.g. per weight per thread) in the hot loop."""
@@ -100,8 +102,9 @@ def inspect(kernel) -> Compiled:
     instructions = [line for line in body if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
     wide = [(i, m.group(1)) for i, line in enumerate(instructions)
             if (m := re.search(r"\s(LDG(?:STS)?\.E\S*\.128)\s", line))]
+    waits = [int(m.group(1), 16) for line in instructions if (m := re.search(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", line))]
     return Compiled(num("REG"), num("STACK") + num("LOCAL"), num("SHARED"), _opcodes(body), _opcodes(lines),
-                    [_opcodes(lines[a:b + 1]) for a, b in spans], wide, len(instructions))
+                    [_opcodes(lines[a:b + 1]) for a, b in spans], wide, len(instructions), waits)
 
 
 GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
@@ -113,7 +116,8 @@ GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride
 def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, BK: int = 128, split: int = 1,
                         num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False, one_dot: bool = True,
                         vec_x: bool = True, even_k: bool = True, prefetch: int = 1, stages: int = 0):
-    """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations)."""
+    """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations);
+    ``stages``: the GEMV's STAGES, or the MMA kernel's (0: its default, 2)."""
     from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel, field_lop3, gemv_options, mma_one_dot
 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, HAS_BIAS=False, BN=BN, BK=BK,
@@ -128,7 +132,7 @@ def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, 
     one_dot = mma_one_dot(one_dot, bm, BN, BK, num_warps, False, group)  # as quant_matmul launches it
     return compile_for(_mma_kernel, GEMV_SIG, {**consts, "BM": bm, "IEEE": mma_ieee, "ONE_DOT": one_dot,
                                                "LOP3": field_lop3("mma", zero_points, None, ptx=True)},
-                       num_warps=num_warps, num_stages=2, divisible=GEMV_DIVISIBLE)
+                       num_warps=num_warps, num_stages=stages or 2, divisible=GEMV_DIVISIBLE)
 
 
 ATTN_SIG = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "tables_ptr": "*i32", "lens_ptr": "*i32",
@@ -228,7 +232,8 @@ def report() -> list[dict]:
               dict(K=4096, N=14336, M=1, group=128, zp=False, vec_x=False),
               dict(K=4096, N=14336, M=1, group=128, zp=False, prefetch=2),
               dict(K=4096, N=14336, M=1, group=128, zp=False, stages=4),
-              dict(K=1536, N=576, M=1, group=64, zp=True, stages=3)]
+              dict(K=1536, N=576, M=1, group=64, zp=True, stages=3), dict(K=4096, N=14336, M=16, group=128, zp=False),
+              dict(K=4096, N=14336, M=16, group=128, zp=False, stages=4)]
     rows = []
     for case in cases:
         # 3-4 rows: the GEMV as a measured table or the tuner may launch it there (the heuristic
@@ -244,7 +249,7 @@ def report() -> list[dict]:
         rows.append({"kernel": kind, **case, "config": cfg, "registers": c.registers, "spill_bytes": c.spill_bytes,
                      "loop": dict(c.loop), "all": dict(c.all), "weights_per_thread": weights,
                      "loop_per_weight": c.per_item(weights), "loop_length": c.loop_length,
-                     "wide_loads": c.wide_loads})
+                     "wide_loads": c.wide_loads, "loop_waits": c.loop_waits})
     for dtype in ("bf16", "fp16", "fp32"):
         split, merge = paged_attention_kernels(dtype)
         kernels = [("attention-split", "32/8 heads, dim 128", split), ("attention-merge", "32/8 heads, dim 128", merge),
@@ -280,7 +285,7 @@ def main() -> None:
         return
     table = Table(title="Kernels compiled for sm_90 (bf16 activations unless noted), tiles as quant_matmul picks "
                         "them for an H100; hot loop per thread; 16-byte loads by position in the loop "
-                        "(a: asynchronous copies)")
+                        "(a: asynchronous copies; waits: copy groups left in flight)")
     for col in ("kernel", "shape", "tile", "regs", "spill B", "loop instr", "per weight", "I2F", "top opcodes",
                 "16-byte loads at"):
         table.add_column(col)
@@ -297,7 +302,8 @@ def main() -> None:
                           f"{cfg['BN']}x{cfg['BK']} w{cfg['num_warps']} split {cfg['SPLIT_K']}", str(r["registers"]),
                           str(r["spill_bytes"]), str(sum(loop.values())), f"{r['loop_per_weight']:.2f}",
                           str(loop["I2F"] + loop["I2FP"]), top,
-                          ",".join(str(i) + ("a" if op.startswith("LDGSTS") else "") for i, op in r["wide_loads"]))
+                          ",".join(str(i) + ("a" if op.startswith("LDGSTS") else "") for i, op in r["wide_loads"])
+                          + (f"; waits {','.join(map(str, r['loop_waits']))}" if r["loop_waits"] else ""))
         else:
             table.add_row(f"{r['kernel']} {r['dtype']}", r["heads"], "", str(r["registers"]),
                           str(r["spill_bytes"]), str(sum(loop.values())), "", "", top, "")

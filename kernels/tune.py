@@ -91,7 +91,7 @@ def model_problems(model) -> list[Problem]:
 def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.device, grid: str = "full") -> list[dict]:
     """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
     dozen to three dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
-    warps, load variants, prefetch and pipelining (1-2 rows) and splits over a wider range; ``smoke``:
+    warps, load variants, prefetch and pipeline depths and splits over a wider range; ``smoke``:
     one tiny config per kernel."""
     from inferkit.kernels import tuned
     from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config
@@ -123,8 +123,9 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
         elif M <= 4:
             shapes = [("gemv", bn, w, True, (1, 4)) for bn, w in [(64, 2), (128, 4), (256, 8)]]
             shapes += [("mma", bn, 4, True, (1, 4)) for bn in (64, 128)]
-        else:
+        else:  # and the 64-wide tile pipelined in 4 stages (2 by default)
             shapes = [("mma", bn, 4, v, (1, 4, 8)) for bn, v in [(64, True), (128, True), (64, False)]]
+            shapes += [("mma", 64, 4, True, (1, 4), {"STAGES": 4})]
     else:
         if M <= 4:
             for bn in (32, 64, 128, 256):
@@ -141,6 +142,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
         else:
             shapes = [("mma", bn, w, v, (1, 2, 4, 8)) for bn, w in [(32, 4), (64, 4), (128, 4), (128, 8)]
                       for v in (True, False)]
+            shapes += [("mma", bn, 4, True, (1, 2, 4, 8), {"STAGES": st}) for bn in (64, 128) for st in (3, 4)]
     out = [dict(picked)]
     if M == 1 and tuned.kernel_for(M, picked) == "gemv":  # the heuristic's tiles without the register cap
         out.append({**picked, "REG_CAP": 0})

@@ -19,7 +19,7 @@ kernel being the default up to 4 rows and allowed only there; ``REG_CAP`` (optio
 registers per thread (0: none; without it, ``quant_matmul.gemv_register_cap`` decides); ``PREFETCH``
 (optional, 1-3, default 1) how many tiles ahead the GEMV loads its words into registers;
 ``STAGES`` (optional, 0 or 2-5, default 0) the GEMV's pipelined loop instead (cp.async through
-shared memory). Row buckets: 1, 2, 3, 4 exactly;
+shared memory), or the MMA kernel's pipeline stages (2-5, default 2). Row buckets: 1, 2, 3, 4 exactly;
 then 5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket
 serving the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
 bounded number of compiled variants for mixed prefill steps).
@@ -95,6 +95,8 @@ def _check(entry: dict, where: str) -> dict:
     if "STAGES" in entry and (isinstance(entry["STAGES"], bool) or entry["STAGES"] not in (0, 2, 3, 4, 5)
                               or entry["STAGES"] and entry.get("PREFETCH", 1) != 1):
         raise bad("'STAGES' must be 0 or 2-5 (the pipelined GEMV loop, which takes no 'PREFETCH')")
+    if kernel == "mma" and entry.get("STAGES", 2) not in (2, 3, 4, 5):
+        raise bad("'STAGES' of the MMA kernel must be 2-5")
     return entry
 
 

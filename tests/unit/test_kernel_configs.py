@@ -97,6 +97,7 @@ def test_override_wins_over_packaged_table(tmp_path, monkeypatch):
     (entry(PREFETCH=True), "'PREFETCH' must be 1, 2 or 3"),
     (entry(STAGES=1), "'STAGES' must be 0 or 2-5"),
     (entry(STAGES=3, PREFETCH=2), "'STAGES' must be 0 or 2-5"),
+    (entry(M=8, STAGES=0), "'STAGES' of the MMA kernel must be 2-5"),
     ({k: v for k, v in entry().items() if k != "N"}, "'N' must be a positive integer"),
 ])
 def test_bad_entries_are_refused_with_the_reason(tmp_path, bad, why):

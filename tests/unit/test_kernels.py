@@ -245,7 +245,7 @@ def test_quant_matmul_random_configs_match_reference():
     import random
 
     rng = random.Random(6)
-    ahead = random.Random(7)  # the GEMV's loop, drawn apart (the other draws stay as they were)
+    ahead = random.Random(7)  # the kernels' loops, drawn apart (the other draws stay as they were)
     for _ in range(24):
         M = rng.choice([1, 2, 3, 4, 5, 9])
         bits = rng.choice([4, 8])
@@ -258,6 +258,7 @@ def test_quant_matmul_random_configs_match_reference():
             cfg.update(ahead.choice([{"PREFETCH": 1}, {"PREFETCH": 2}, {"PREFETCH": 3}, {"STAGES": 3}]))
         else:
             cfg.update(BK=rng.choice([16, 32]) * (32 // bits), ONE_DOT=rng.random() < 0.5)
+            cfg.update(STAGES=ahead.choice([2, 3, 4]))
         x, w, s, z = quant_case(M, N, K, bits, group, rng.random() < 0.5, torch.float32, seed=rng.randrange(1000))
         out = quant_matmul(x, w, s, z, bits, group, config=cfg)
         assert rel_err(out, reference_quant_matmul(x, w, s, z, bits, group)) < 1e-5, (M, bits, group, K, N, cfg)
@@ -487,6 +488,16 @@ def test_gemv_loading_tiles_further_ahead_gives_the_same_bits(M, group, asym, K,
     for bad in ({"STAGES": 1}, {"STAGES": 3, "PREFETCH": 2}):
         with pytest.raises(ValueError, match="STAGES"):
             quant_matmul(x, w, s, z, 4, group, config={**cfg, **bad})
+    # the MMA kernel's STAGES is its pipeline's depth (default 2), with the same numbers
+    x8 = torch.cat([x] * 4)
+    mma = {**cfg, "KERNEL": "mma", "BK": 128}
+    plan = lambda config: qm._plan(8, 40, K, K // 8, s.shape[1], 4, group, x8.dtype, x8.device, asym, False,  # noqa: E731
+                                   tuple(sorted(config.items())))[-1]
+    assert plan(mma)["num_stages"] == 2 and plan({**mma, "STAGES": 4})["num_stages"] == 4
+    assert torch.equal(quant_matmul(x8, w, s, z, 4, group, config={**mma, "STAGES": 4}),
+                       quant_matmul(x8, w, s, z, 4, group, config=mma))
+    with pytest.raises(ValueError, match="the MMA kernel's pipelined loop takes 2-5 stages"):
+        quant_matmul(x8, w, s, z, 4, group, config={**mma, "STAGES": 0})
 
 
 def test_one_lop3_per_value_where_ptx_runs():

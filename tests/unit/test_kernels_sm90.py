@@ -66,17 +66,22 @@ def test_decode_gemv_compiles_lean(report):
     for r in piped:
         loop = r["loop"]
         assert loop.get("LDGSTS", 0) >= 3 and loop.get("LDS", 0) >= 3 and loop.get("BAR", 0) <= 2, r
+        assert r["loop_waits"] and min(r["loop_waits"]) > 0, r  # copies stay in flight during a tile's work
         assert r["registers"] <= (80 if r["zp"] else 72), r
 
 
 def test_mma_kernels_compile_with_tensor_cores_and_no_spills_in_the_loop(report):
     mmas = [r for r in report if r["kernel"] == "mma"]
-    assert len(mmas) == 8
+    assert len(mmas) == 10
     for r in mmas:
         loop = r["loop"]
         assert loop.get("LDL", 0) + loop.get("STL", 0) == 0, r
         assert loop.get("I2F", 0) + loop.get("I2FP", 0) == 0
         assert loop.get("HMMA", 0) > 0 if not r.get("ieee") else loop.get("FFMA", 0) > 0
+    # 4 stages (a config's STAGES): the loop waits for the oldest tile's copies only, the next
+    # tiles' stay in flight during its work (at the default 2 stages the wait is for all)
+    deep = [r for r in mmas if r.get("stages") == 4]
+    assert len(deep) == 1 and deep[0]["loop_waits"] and min(deep[0]["loop_waits"]) > 0, deep
 
 
 def test_paged_attention_compiles_without_spills(report):

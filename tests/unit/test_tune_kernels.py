@@ -166,6 +166,8 @@ def test_candidate_grids():
         assert 1 <= c["BN"] * c["BK"] // 8 // (32 * c["num_warps"]) <= 16
     mma = tune.candidates(32, 4096, 4096, 128, 4, dev, "full")
     assert all(c.get("ONE_DOT") in (True, False) and "VEC_X" not in c for c in mma)
+    assert {c.get("STAGES", 2) for c in mma} == {2, 3, 4}  # the MMA kernel's pipeline depth
+    assert {c.get("STAGES", 2) for c in tune.candidates(16, 4096, 4096, 128, 4, dev, "quick")} == {2, 4}
     small_k = tune.candidates(1, 64, 64, 32, 4, dev, "full")
     assert all(c["SPLIT_K"] * c["BK"] <= 64 or c["SPLIT_K"] == 1 for c in small_k)  # each split gets inputs
     with pytest.raises(ValueError, match="grid must be one of"):
