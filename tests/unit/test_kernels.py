@@ -491,8 +491,8 @@ def test_gemv_loading_tiles_further_ahead_gives_the_same_bits(M, group, asym, K,
     # the MMA kernel's STAGES is its pipeline's depth (default 2), with the same numbers
     x8 = torch.cat([x] * 4)
     mma = {**cfg, "KERNEL": "mma", "BK": 128}
-    plan = lambda config: qm._plan(8, 40, K, K // 8, s.shape[1], 4, group, x8.dtype, x8.device, asym, False,  # noqa: E731
-                                   tuple(sorted(config.items())))[-1]
+    plan = lambda config: qm._plan(8, 40, K, K // 8, s.shape[1], 4, group, x8.dtype,  # noqa: E731
+                                   x8.device, asym, False, tuple(sorted(config.items())))[-1]
     assert plan(mma)["num_stages"] == 2 and plan({**mma, "STAGES": 4})["num_stages"] == 4
     assert torch.equal(quant_matmul(x8, w, s, z, 4, group, config={**mma, "STAGES": 4}),
                        quant_matmul(x8, w, s, z, 4, group, config=mma))
