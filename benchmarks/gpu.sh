@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks, run on the lent GPU machine from the repo root (about 5 minutes on an H100):
+# GPU checks, run on the lent GPU machine from the repo root (about 5 minutes on an H100; the
+# quick grid's new GEMV/MMA loops add about 36 timings to part 2, not yet timed):
 #   benchmarks/gpu.sh --prepare   # here, once: wheels for pytest, the demo's config/tokenizer and the
 #                                 # baseline revision's INT4 kernel (GPU_BASELINE_REV, default dc815a0) into .gpu/
 #   benchmarks/gpu.sh             # there: kernel and runtime tests, kernel benchmarks, end-to-end decode → $OUT
@@ -41,7 +42,7 @@ fi
 # 2. Kernel benchmarks and end-to-end decode on a Llama-1B-shaped model.
 if [[ $PARTS == *kernels* ]]; then
   base=""; [ -f .gpu/baseline/quant_matmul.py ] && base="--baseline .gpu/baseline/quant_matmul.py"
-  timeout 320 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo $base ${GPU_KERNELS_ARGS:-} 2>&1 \
+  timeout 360 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" --tokenizer .gpu/demo $base ${GPU_KERNELS_ARGS:-} 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_kernels.log" | grep -v "^attention {\|^matmul {"
   echo "[kernels done at ${SECONDS}s]"
   # The sweep's fastest tiles (kernels/configs/ format): the runtime part below launches with them.
