@@ -380,6 +380,14 @@ def _gemv_tile(acc0, acc1, acc2, acc3, words, offs_kw, kw_mask, k0, x_ptr, s_ptr
 
 
 @triton.jit
+def _words_before(w_ptr, offs_n, n_mask, k0, k_hi, KW, stride_wn, VALS: tl.constexpr, BKW: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """``_load_words`` of the tile at k0, loading nothing when it starts at or past ``k_hi`` (a
+    prefetch past the split's last tile)."""
+    return _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k0 < k_hi), k0, KW, stride_wn, VALS, BKW, EVEN_K)
+
+
+@triton.jit
 def _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z_ptr, offs_n, n_mask, M, KW, stride_xm,
                       stride_wn, stride_sn, stride_zn, cs_off, cs_ch, BITS: tl.constexpr, GROUP: tl.constexpr,
                       HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -390,20 +398,16 @@ def _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z
     prefetches past a split's last tile load nothing and are never stored)."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
-    offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo < k_hi), k_lo, KW, stride_wn,
-                                          VALS, BKW, EVEN_K)
+    offs_kw, kw_mask, words = _words_before(w_ptr, offs_n, n_mask, k_lo, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
     kw1, m1, w1 = offs_kw, kw_mask, words  # the tiles 1 and 2 ahead (PREFETCH 2, 3)
     kw2, m2, w2 = offs_kw, kw_mask, words
     if PREFETCH >= 2:
-        kw1, m1, w1 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + BK < k_hi), k_lo + BK, KW, stride_wn,
-                                  VALS, BKW, EVEN_K)
+        kw1, m1, w1 = _words_before(w_ptr, offs_n, n_mask, k_lo + BK, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
     if PREFETCH >= 3:
-        kw2, m2, w2 = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + k_lo + 2 * BK < k_hi), k_lo + 2 * BK, KW,
-                                  stride_wn, VALS, BKW, EVEN_K)
+        kw2, m2, w2 = _words_before(w_ptr, offs_n, n_mask, k_lo + 2 * BK, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
     for k0 in range(k_lo, k_hi, BK):
-        ahead = k0 + PREFETCH * BK
-        nxt_kw, nxt_mask, nxt = _load_words(w_ptr, offs_n, n_mask & (offs_n * 0 + ahead < k_hi), ahead, KW,
-                                            stride_wn, VALS, BKW, EVEN_K)
+        nxt_kw, nxt_mask, nxt = _words_before(w_ptr, offs_n, n_mask, k0 + PREFETCH * BK, k_hi, KW, stride_wn, VALS,
+                                              BKW, EVEN_K)
         acc0, acc1, acc2, acc3 = _gemv_tile(acc0, acc1, acc2, acc3, words, offs_kw, kw_mask, k0, x_ptr, s_ptr, z_ptr,
                                             offs_n, n_mask, M, KW, stride_xm, stride_sn, stride_zn, cs_off, cs_ch,
                                             BITS, GROUP, HAS_ZP, PER_CHANNEL, BM, BKW, VEC_X, EVEN_K, LOP3, X_STEP)
