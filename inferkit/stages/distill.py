@@ -272,6 +272,17 @@ def _cache_key(teacher: str, cfg: DistillConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _release_processes() -> None:
+    """End an ``accelerate launch`` run's process group on this process. Each process calls it
+    after its last collective (or when it fails): one that left the interpreter with the group
+    still open could abort on exit ("terminate called without an active exception") and fail
+    the whole launch after the work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None = None,
                 student_layers: int | None = None, resume: Path | None = None, overwrite: bool = False,
                 eval_prompts: int = 0, eval_data: str = "builtin", cache_dir: Path | None = None,
@@ -288,6 +299,15 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     takes its share of every batch, gradients are averaged; the first process computes the
     teacher caches, writes checkpoints and the output).
     """
+    try:
+        return _distill(teacher, out, cfg, student, student_layers, resume, overwrite, eval_prompts, eval_data,
+                        cache_dir, log, progress)
+    finally:
+        _release_processes()
+
+
+def _distill(teacher, out, cfg, student, student_layers, resume, overwrite, eval_prompts, eval_data, cache_dir, log,
+             progress) -> dict:
     import shutil
     import time
 
@@ -501,6 +521,7 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     else:
         step = cfg.steps
     acc.wait_for_everyone()
+    _release_processes()  # the last collective: the other processes may exit while the first writes the output
     if not main:
         return {}
     student_module.eval()
