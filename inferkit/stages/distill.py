@@ -272,15 +272,20 @@ def _cache_key(teacher: str, cfg: DistillConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _release_processes() -> None:
-    """End an ``accelerate launch`` run's process group on this process. Each process calls it
-    after its last collective (or when it fails): one that left the interpreter with the group
-    still open could abort on exit ("terminate called without an active exception") and fail
-    the whole launch after the work was done."""
+def _process_group_closer():
+    """What closes an ``accelerate launch`` run's process group on this process, if this run
+    opens it (a group the caller opened is left alone). Each process calls it after its last
+    collective, and when it fails: one that left the interpreter with the group still open could
+    abort on exit ("terminate called without an active exception") and fail the whole launch
+    after the work was done."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    def close() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    opened_before = dist.is_available() and dist.is_initialized()
+    return (lambda: None) if opened_before else close
 
 
 def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None = None,
@@ -299,15 +304,16 @@ def run_distill(teacher: str, out: Path, cfg: DistillConfig, student: str | None
     takes its share of every batch, gradients are averaged; the first process computes the
     teacher caches, writes checkpoints and the output).
     """
+    close_group = _process_group_closer()
     try:
         return _distill(teacher, out, cfg, student, student_layers, resume, overwrite, eval_prompts, eval_data,
-                        cache_dir, log, progress)
+                        cache_dir, log, progress, close_group)
     finally:
-        _release_processes()
+        close_group()
 
 
 def _distill(teacher, out, cfg, student, student_layers, resume, overwrite, eval_prompts, eval_data, cache_dir, log,
-             progress) -> dict:
+             progress, close_group) -> dict:
     import shutil
     import time
 
@@ -521,7 +527,7 @@ def _distill(teacher, out, cfg, student, student_layers, resume, overwrite, eval
     else:
         step = cfg.steps
     acc.wait_for_everyone()
-    _release_processes()  # the last collective: the other processes may exit while the first writes the output
+    close_group()  # after the last collective: the other processes may exit while the first writes the output
     if not main:
         return {}
     student_module.eval()

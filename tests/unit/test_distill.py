@@ -192,6 +192,30 @@ def test_two_processes_under_accelerate_launch_match_one(tiny_model_factory, tmp
     assert result.returncode != 0 and "must be divisible by the 2 processes" in result.stdout + result.stderr
 
 
+def test_a_process_group_the_caller_opened_stays_open(tiny_model_factory, tmp_path, monkeypatch):
+    """run_distill closes only a process group it opened (an accelerate launch's): a library caller's
+    own group (here a one-process gloo group) is still usable afterwards."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        teacher = tiny_model_factory("t", num_hidden_layers=4)
+        report = run_distill(str(teacher), tmp_path / "d", DistillConfig(**{**CFG, "steps": 2}), student_layers=2)
+        assert report["steps_done"] == 2 and report["processes"] == 1
+        assert dist.is_initialized()
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_reduced_draft_vocabulary_is_trained_and_exported(tiny_model_factory, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
