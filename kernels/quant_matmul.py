@@ -40,7 +40,6 @@ from inferkit.kernels import tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PTX = not INTERPRET and torch.version.hip is None  # inline PTX (_field's lop3): NVIDIA GPUs, compiled
-PIPELINE_STAGES = (2, 3, 4, 5)  # the GEMV's STAGES besides 0
 
 
 @triton.jit
@@ -757,16 +756,16 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
                   SPLIT_K=split, num_warps=cfg["num_warps"])
     if gemv:
         prefetch, stages = cfg.get("PREFETCH", 1), cfg.get("STAGES", 0)
-        if prefetch not in (1, 2, 3):
+        if prefetch not in tuned.PREFETCH_AHEAD:
             raise ValueError(f"PREFETCH {prefetch!r}: the GEMV loads 1, 2 or 3 tiles ahead")
-        if stages not in (0, *PIPELINE_STAGES) or (stages and prefetch != 1):
+        if stages not in (0, *tuned.PIPELINE_STAGES) or (stages and prefetch != 1):
             raise ValueError(f"STAGES {stages!r}: 0 (PREFETCH's loop) or 2-5 (the pipelined loop, without PREFETCH)")
         options = gemv_options(M, bits, bn, cfg["BK"], cfg["num_warps"], has_zp, per_channel, group,
                                K % cfg["BK"] == 0, cfg.get("REG_CAP"), prefetch=prefetch, stages=stages)
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     stages = cfg.get("STAGES", 2)
-    if stages not in PIPELINE_STAGES:
+    if stages not in tuned.PIPELINE_STAGES:
         raise ValueError(f"STAGES {stages!r}: the MMA kernel's pipelined loop takes 2-5 stages")
     return _mma_kernel, (tiles_n, tiles_m, split), split, counters, {
         **consts, "IEEE": ieee, "ONE_DOT": one_dot, "LOP3": field_lop3("mma", has_zp, None), "num_stages": stages}

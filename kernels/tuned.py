@@ -38,6 +38,8 @@ PACKAGED = Path(__file__).with_name("configs")
 _INTS = ("bits", "group", "K", "N", "M", "BN", "BK", "SPLIT_K", "num_warps")
 TILE = ("BN", "BK", "SPLIT_K", "num_warps")  # a config's keys an entry always has
 OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "PREFETCH", "STAGES")  # and those it may have
+PREFETCH_AHEAD = (1, 2, 3)  # the GEMV's PREFETCH: tiles loaded ahead into registers
+PIPELINE_STAGES = (2, 3, 4, 5)  # a pipelined loop's STAGES (the GEMV's also 0: PREFETCH's loop)
 
 
 def slug(device_name: str) -> str:
@@ -90,12 +92,12 @@ def _check(entry: dict, where: str) -> dict:
             raise bad(f"'{key}' must be true or false")
     if "REG_CAP" in entry and (isinstance(entry["REG_CAP"], bool) or entry["REG_CAP"] not in (0, *range(24, 256, 8))):
         raise bad("'REG_CAP' must be 0 (no cap) or a multiple of 8 registers from 24 to 248")
-    if "PREFETCH" in entry and (isinstance(entry["PREFETCH"], bool) or entry["PREFETCH"] not in (1, 2, 3)):
+    if "PREFETCH" in entry and (isinstance(entry["PREFETCH"], bool) or entry["PREFETCH"] not in PREFETCH_AHEAD):
         raise bad("'PREFETCH' must be 1, 2 or 3 tiles ahead")
-    if "STAGES" in entry and (isinstance(entry["STAGES"], bool) or entry["STAGES"] not in (0, 2, 3, 4, 5)
+    if "STAGES" in entry and (isinstance(entry["STAGES"], bool) or entry["STAGES"] not in (0, *PIPELINE_STAGES)
                               or entry["STAGES"] and entry.get("PREFETCH", 1) != 1):
         raise bad("'STAGES' must be 0 or 2-5 (the pipelined GEMV loop, which takes no 'PREFETCH')")
-    if kernel == "mma" and entry.get("STAGES", 2) not in (2, 3, 4, 5):
+    if kernel == "mma" and entry.get("STAGES", 2) not in PIPELINE_STAGES:
         raise bad("'STAGES' of the MMA kernel must be 2-5")
     return entry
 

@@ -192,7 +192,7 @@ def test_two_processes_under_accelerate_launch_match_one(tiny_model_factory, tmp
     assert result.returncode != 0 and "must be divisible by the 2 processes" in result.stdout + result.stderr
 
 
-def test_a_process_group_the_caller_opened_stays_open(tiny_model_factory, tmp_path, monkeypatch):
+def test_a_process_group_the_caller_opened_stays_open(tiny_model_factory, tmp_path):
     """run_distill closes only a process group it opened (an accelerate launch's): a library caller's
     own group (here a one-process gloo group) is still usable afterwards."""
     import socket
