@@ -3,7 +3,9 @@ each capped config also without the register cap, beside bf16 ``torch.matmul`` t
 way (graph-replayed, operands cycled past L2). For the issue's 2.5x target at 4096x14336, where
 the quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x. ``--grid prefetch``: the GEMV's
 tiles pipelined (``STAGES``) or loading 1-3 tiles ahead (``PREFETCH``), the bytes-in-flight
-experiment (134 timings at 4096x14336: ``GPU_SWEEP_S=280``).
+experiment (134 timings at 4096x14336: ``GPU_SWEEP_S=280``). ``--grid swap``: the swap kernel
+(``KERNEL: swap``, INT4 on the tensor cores with the weights as the first operand, 2.8-3.1
+instructions per weight on sm_90 against the GEMV's 4.55), after the heuristic's GEMV config.
 
     python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200] \
         [--grid prefetch --shapes 4096x14336,14336x4096]
@@ -47,13 +49,32 @@ def prefetch_grid(N: int, K: int, device: torch.device) -> list[dict]:
     return tune._unique(out)
 
 
+def swap_grid(N: int, K: int, device: torch.device) -> list[dict]:
+    """The heuristic's GEMV config, then the swap kernel: BN x warps 128x4, 256x8, 256x4, 64x4,
+    128x8 over 1-16 splits of K, the joined tile (one dot per tile) first, then a dot per value
+    position, then 2 and 3 pipeline stages of the first two tiles."""
+    from inferkit.kernels import tune
+    from inferkit.kernels.quant_matmul import pick_config
+
+    out = [pick_config(1, N, K, 128, device, 4)]
+    tiles = ((128, 4), (256, 8), (256, 4), (64, 4), (128, 8))
+    for keys, shapes in [({"ONE_DOT": True}, tiles), ({"ONE_DOT": False}, tiles),
+                         ({"ONE_DOT": True, "STAGES": 2}, tiles[:2]), ({"ONE_DOT": True, "STAGES": 3}, tiles[:2])]:
+        for bn, warps in shapes:
+            for split in (4, 2, 8, 16, 1):
+                if K >= 128 * split:
+                    out.append({"KERNEL": "swap", "BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, **keys})
+    return tune._unique(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_out/int4_sweep.json"))
     parser.add_argument("--shapes", default="4096x14336", help="KxN (inputs x outputs), comma-separated")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting configs after this long")
-    parser.add_argument("--grid", default="full", choices=("full", "quick", "prefetch"),
-                        help="tune-kernels' grid, or prefetch: 5 tiles x (3-4 stages, 1-3 ahead) x 4 splits, and more")
+    parser.add_argument("--grid", default="full", choices=("full", "quick", "prefetch", "swap"),
+                        help="tune-kernels' grid, or prefetch: 5 tiles x (3-4 stages, 1-3 ahead) x 4 splits, and "
+                             "more; swap: the swap kernel's tiles x splits x (joined, per value, 2-3 stages)")
     args = parser.parse_args()
     from inferkit.kernels import tune
     from inferkit.kernels.quant_matmul import gemv_register_cap
@@ -78,6 +99,8 @@ def main() -> None:
         print(f"{K}x{N} bf16 graphed {t_bf16:.2f} us", flush=True)
         if args.grid == "prefetch":
             configs = prefetch_grid(N, K, dev)[:None if cuda else 3]
+        elif args.grid == "swap":
+            configs = swap_grid(N, K, dev)[:None if cuda else 4]
         else:
             configs = tune.candidates(1, N, K, 128, 4, dev, args.grid if cuda else "smoke")
         # each capped config once more uncapped (configs launching uncapped anyway are not repeated)

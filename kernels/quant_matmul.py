@@ -17,6 +17,9 @@ visit K in any order). Nothing is written but the output (and split-K partials).
   tiles spanning groups, come off through the sum of each word's inputs).
 - ``mma``: more rows: the tile's values dequantized to the activation dtype and joined back
   into the inputs' order for one ``tl.dot`` per tile (``ONE_DOT``; or one dot per value position).
+- ``swap`` (opt-in, ``KERNEL: swap``; INT4, bf16/fp16 inputs): the weights as the first operand
+  of the tensor-core dot, dequantized two at a time into 16-bit floats (``_pair_values``), K
+  taken value-major inside a tile; any row count, 1-16 rows filling one 16-wide tile.
 
 Tiles come from ``pick_config``'s heuristic, or from a measured table for the GPU model
 (``inferkit.kernels.tuned``); each shape's launch is planned once (``_plan``).
@@ -542,6 +545,150 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
             pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
 
+@triton.jit
+def _word_pairs(words):
+    """[R, 2C] words as two [R, C] words of nibble pairs: of each two neighbouring words (a, b),
+    values 0-3 of a in the low half and values 0-3 of b in the high half (the first), values 4-7
+    likewise (the second). Value j of a word and of its neighbour then sit 16 bits apart, where
+    one lop3 makes them two 16-bit floats (``_pair_values``)."""
+    a, b = tl.split(tl.reshape(words, [words.shape[0], words.shape[1] // 2, 2]))
+    return (a & 0xFFFF) | (b << 16), ((a >> 16) & 0xFFFF) | (b & -65536)
+
+
+@triton.jit
+def _pair_values(r, sh: tl.constexpr, addend, F16: tl.constexpr, ASM: tl.constexpr):
+    """The nibbles at bits sh and 16 + sh of each word. ASM: as two 16-bit floats ``u - off`` in
+    one int32: one lop3 puts each nibble u in the low mantissa bits of ``MAGIC`` (128 in bf16,
+    1024 in fp16, whose unit in the last place is 1), which makes the float ``MAGIC + u``; one
+    packed multiply-add with 1.0 and ``addend`` (the pair ``-(MAGIC + off)``) leaves ``u - off``,
+    exactly (ptxas makes it an HADD2). Otherwise the two nibbles as int32 halves
+    (``_pair_floats`` subtracts)."""
+    src = r >> sh if sh else r
+    if ASM:
+        if F16:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t, one; lop3.b32 t, $1, 983055, 1677747200, 0xEA; mov.b32 one, 1006648320;"
+                " fma.rn.f16x2 $0, t, one, $2; }", "=r,r,r", [src, addend], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, one; lop3.b32 t, $1, 983055, 1124090624, 0xEA; mov.b32 one, 1065369472;"
+            " fma.rn.bf16x2 $0, t, one, $2; }", "=r,r,r", [src, addend], dtype=tl.int32, is_pure=True, pack=1)
+    return src & 0x000F000F
+
+
+@triton.jit
+def _pair_floats(t, off, dtype: tl.constexpr, ASM: tl.constexpr):
+    """[R, C] words of two values (``_pair_values``) as [R, 2C] values of ``dtype``, the low half
+    of each word first: a reinterpretation (ASM), or ``u - off`` worked out in float32."""
+    if ASM:
+        lo = (t & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+        hi = (t >> 16).to(tl.int16).to(dtype, bitcast=True)
+    else:
+        lo = ((t & 0xFFFF).to(tl.float32) - off).to(dtype)
+        hi = ((t >> 16).to(tl.float32) - off).to(dtype)
+    return tl.reshape(tl.join(lo, hi), [t.shape[0], t.shape[1] * 2])
+
+
+@triton.jit
+def _position(r0, r1, j: tl.constexpr, addend, off, dtype: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+    """Value j of each of the tile's words, dequantized but for the scale: [R, words]."""
+    return _pair_floats(_pair_values(r0 if j < 4 else r1, 4 * (j % 4), addend, F16, ASM), off, dtype, ASM)
+
+
+@triton.jit
+def _value_major(w0, w1, w2, w3, w4, w5, w6, w7):
+    """Eight [R, C] tiles (value j of C words) as one [R, 8C] tile whose column ``C j + w`` is
+    value j of word w."""
+    t = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+    t = tl.permute(t, (0, 4, 3, 2, 1))  # [R, 2, 2, 2, C]: j = 4 d1 + 2 d2 + d3
+    return tl.reshape(t, [t.shape[0], t.shape[1] * t.shape[2] * t.shape[3] * t.shape[4]])
+
+
+@triton.jit
+def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
+                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                 ONE_DOT: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr = False):
+    """INT4 on the tensor cores with the weights as the dot's first operand: ``out.T = W x.T``, a
+    [BN, BK] weight tile against a [BK, BM] input tile (BM 16-64: one to 16 activation rows fill
+    one 16-column tile, where the MMA kernel's rows are the padded side of a 16-row tile). The
+    words become 16-bit floats two at a time, in registers (``_pair_values``: a lop3 and an HADD2
+    per two weights, no int-to-float conversion and no scale), and the scale multiplies each
+    tile's float32 product (a tile lies inside one group: BK divides the group size). K inside
+    a tile is taken in value-major order, column ``C j + w`` being value j of word w (C = BK / 8
+    words): inputs are loaded in order and permuted to match. ONE_DOT: the eight value positions
+    joined into one [BN, BK] tile for one dot; otherwise a dot per value position, over the
+    inputs ``8 w + j`` loaded for each (the weights then stay in registers on sm_90; joined they
+    pass through shared memory). ASM (PTX): the 16-bit floats as above and a dot in the inputs'
+    dtype; otherwise (the interpreter) the same values in float32 and a float32 dot."""
+    BKW: tl.constexpr = BK // 8
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    BASE: tl.constexpr = 1024.0 if F16 else 128.0  # the float whose low mantissa bits take a nibble
+    dt: tl.constexpr = x_ptr.dtype.element_ty if ASM else tl.float32
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BN, BM], tl.float32)
+    off = tl.full([BN, 1], 8.0, tl.float32)  # the code offset, plus the zero point
+    if PER_CHANNEL and HAS_ZP:
+        off += tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None]
+    for k0 in range(k_lo, k_hi, BK):
+        offs_kw = k0 // 8 + tl.arange(0, BKW)
+        if EVEN_K:
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :], mask=n_mask[:, None], other=0)
+        else:
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :],
+                            mask=n_mask[:, None] & (offs_kw < KW)[None, :], other=0)
+        if not PER_CHANNEL:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
+            if HAS_ZP:
+                off = 8.0 + tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
+        c = (-(BASE + off)).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        addend = c | (c << 16)
+        r0, r1 = _word_pairs(words)
+        if ONE_DOT:
+            w = _value_major(_position(r0, r1, 0, addend, off, dt, F16, ASM),
+                             _position(r0, r1, 1, addend, off, dt, F16, ASM),
+                             _position(r0, r1, 2, addend, off, dt, F16, ASM),
+                             _position(r0, r1, 3, addend, off, dt, F16, ASM),
+                             _position(r0, r1, 4, addend, off, dt, F16, ASM),
+                             _position(r0, r1, 5, addend, off, dt, F16, ASM),
+                             _position(r0, r1, 6, addend, off, dt, F16, ASM),
+                             _position(r0, r1, 7, addend, off, dt, F16, ASM))
+            xk = k0 + kk
+            x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (xk < K)[None, :]
+            xn = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :], mask=x_mask, other=0)
+            x = tl.reshape(tl.permute(tl.reshape(xn, [BM, BKW, 8]), (2, 1, 0)), [BK, BM])  # row C j + w: 8 w + j
+            if ASM:
+                part = tl.dot(w, x)
+            else:
+                part = tl.dot(w, x.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.zeros([BN, BM], tl.float32)
+            for j in tl.static_range(8):
+                xk = offs_kw * 8 + j
+                x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (xk < K)[:, None]
+                x = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=x_mask, other=0)
+                if ASM:
+                    part = tl.dot(_position(r0, r1, j, addend, off, dt, F16, ASM), x, part)
+                else:
+                    part = tl.dot(_position(r0, r1, j, addend, off, dt, F16, ASM), x.to(tl.float32), part,
+                                  input_precision="ieee")
+        if PER_CHANNEL:
+            acc += part
+        else:
+            acc += part * s[:, None]
+    _finish(tl.trans(acc), out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om,
+            stride_sn, pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
+
+
 _SM_COUNT: dict = {}
 _DEVICE_NAME: dict = {}
 _COUNTERS: dict = {}
@@ -705,6 +852,15 @@ def gemv_options(M: int, bits: int, BN: int, BK: int, num_warps: int, has_zp: bo
             "X_STEP": gemv_input_step(cap, per_channel, group, BK), **({"maxnreg": cap} if cap else {})}
 
 
+def swap_tile_k(BK: int, group: int, per_channel: bool) -> int | None:
+    """The swap kernel's K tile for a config's BK: inside one group (the largest power of two up
+    to BK that divides the group size), at least 16 values (a dot's depth); None if there is none."""
+    bk = 1 << (min(BK, 128 if per_channel else group).bit_length() - 1)  # a power of two
+    while bk >= 16 and not per_channel and group % bk:
+        bk //= 2
+    return bk if bk >= 16 else None
+
+
 def mma_one_dot(requested: bool, BM: int, BN: int, BK: int, num_warps: int, per_channel: bool, group: int) -> bool:
     """Whether the MMA kernel joins a tile for one dot (``ONE_DOT``) as ``requested``. Triton 3.6
     and 3.9 alike fail to compile the joined tile ("Illegal shared layout") at 64-row tiles with one
@@ -739,7 +895,28 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         cfg.update(override)
     kernel = tuned.kernel_for(M, cfg)
     if kernel is None:
-        raise ValueError(f"KERNEL {cfg['KERNEL']!r}: 'mma', or 'gemv' for up to 4 rows")
+        raise ValueError(f"KERNEL {cfg['KERNEL']!r}: 'mma', 'swap', or 'gemv' for up to 4 rows")
+    if kernel == "swap":
+        if bits != 4:
+            raise ValueError(f"KERNEL 'swap' takes 4-bit weights, not {bits}")
+        swap_bk = swap_tile_k(cfg["BK"], group, per_channel)
+        if dtype == torch.float32 or swap_bk is None:  # float32 inputs, or groups under 16 values: the heuristic's
+            cfg = pick_config(M, N, K, group, device, bits)
+            kernel = tuned.kernel_for(M, cfg)
+        else:
+            stages = cfg.get("STAGES", 1)
+            if stages not in tuned.SWAP_STAGES:
+                raise ValueError(f"STAGES {stages!r}: the swap kernel's loop takes 1-5 stages")
+            split = cfg["SPLIT_K"]
+            bm = 16 if M <= 16 else 32 if M <= 32 else 64
+            tiles_n, tiles_m = -(-N // cfg["BN"]), -(-M // bm)
+            counters = _counters(device) if split > 1 else None
+            if split > 1 and tiles_n * tiles_m > counters.numel():
+                split, counters = 1, None
+            return _swap_kernel, (tiles_n, tiles_m, split), split, counters, dict(
+                BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm,
+                BN=cfg["BN"], BK=swap_bk, SPLIT_K=split, ONE_DOT=cfg.get("ONE_DOT", True), EVEN_K=K % swap_bk == 0,
+                ASM=PTX, num_warps=cfg["num_warps"], num_stages=stages)
     if cfg["BK"] // vals < (16 if kernel == "mma" else 1):
         raise ValueError(f"BK {cfg['BK']} too small: the MMA kernel needs 16 words per step")
     ieee = dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)

@@ -115,13 +115,21 @@ GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride
 
 def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, BK: int = 128, split: int = 1,
                         num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False, one_dot: bool = True,
-                        vec_x: bool = True, even_k: bool = True, prefetch: int = 1, stages: int = 0):
+                        vec_x: bool = True, even_k: bool = True, prefetch: int = 1, stages: int = 0,
+                        swap: bool = False):
     """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations);
-    ``stages``: the GEMV's STAGES, or the MMA kernel's (0: its default, 2)."""
-    from inferkit.kernels.quant_matmul import _gemv_kernel, _mma_kernel, field_lop3, gemv_options, mma_one_dot
+    ``stages``: the GEMV's STAGES, or the MMA or swap kernel's (0: its default, 2 or 1); ``swap``:
+    the swap kernel (``KERNEL: swap``), with ``one_dot`` its ONE_DOT."""
+    from inferkit.kernels.quant_matmul import (_gemv_kernel, _mma_kernel, _swap_kernel, field_lop3, gemv_options,
+                                               mma_one_dot, swap_tile_k)
 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, HAS_BIAS=False, BN=BN, BK=BK,
                   SPLIT_K=split)
+    if swap:
+        consts["BK"] = swap_tile_k(BK, group, False)
+        return compile_for(_swap_kernel, GEMV_SIG, {**consts, "BM": 16 if M <= 16 else 32 if M <= 32 else 64,
+                                                    "ONE_DOT": one_dot, "EVEN_K": even_k, "ASM": True},
+                           num_warps=num_warps, num_stages=stages or 1, divisible=GEMV_DIVISIBLE)
     if M <= 4:
         options = gemv_options(M, bits, BN, BK, num_warps, zero_points, False, group, even_k, ptx=True,
                                prefetch=prefetch, stages=stages)
@@ -234,8 +242,27 @@ def report() -> list[dict]:
               dict(K=4096, N=14336, M=1, group=128, zp=False, stages=4),
               dict(K=1536, N=576, M=1, group=64, zp=True, stages=3), dict(K=4096, N=14336, M=16, group=128, zp=False),
               dict(K=4096, N=14336, M=16, group=128, zp=False, stages=4)]
+    # the swap kernel (opt-in: KERNEL "swap"), at the tiles the GPU sweep tries first
+    swap_tile = dict(BN=128, BK=128, SPLIT_K=4, num_warps=4)
+    cases += [dict(K=4096, N=14336, M=1, group=128, zp=False, swap=swap_tile),
+              dict(K=4096, N=14336, M=1, group=128, zp=False, swap=dict(swap_tile, BN=256, num_warps=8)),
+              dict(K=4096, N=14336, M=1, group=128, zp=False, swap=swap_tile, one_dot=False),
+              dict(K=4096, N=14336, M=16, group=128, zp=False, swap=swap_tile),
+              dict(K=4096, N=14336, M=32, group=128, zp=False, swap=dict(swap_tile, SPLIT_K=1)),
+              dict(K=1536, N=576, M=1, group=64, zp=True, swap=dict(swap_tile, BN=64, BK=64))]
     rows = []
     for case in cases:
+        if "swap" in case:
+            cfg = case["swap"]
+            c = inspect(quant_matmul_kernel(case["M"], group=case["group"], BN=cfg["BN"], BK=cfg["BK"],
+                                            split=cfg["SPLIT_K"], num_warps=cfg["num_warps"], zero_points=case["zp"],
+                                            one_dot=case.get("one_dot", True), swap=True))
+            weights = cfg["BN"] * cfg["BK"] / (32 * cfg["num_warps"])
+            rows.append({"kernel": "swap", **{k: v for k, v in case.items() if k != "swap"}, "config": cfg,
+                         "registers": c.registers, "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all),
+                         "weights_per_thread": weights, "loop_per_weight": c.per_item(weights),
+                         "loop_length": c.loop_length, "wide_loads": c.wide_loads, "loop_waits": c.loop_waits})
+            continue
         # 3-4 rows: the GEMV as a measured table or the tuner may launch it there (the heuristic
         # takes the MMA kernel), with the heuristic's GEMV tiles for several rows
         cfg = qm.pick_config(case["M"] if case["M"] > 4 else min(case["M"], 2), case["N"], case["K"], case["group"], cuda)
@@ -292,7 +319,7 @@ def main() -> None:
     for r in rows:
         loop = collections.Counter(r["loop"])
         top = " ".join(f"{op}:{n}" for op, n in loop.most_common(6))
-        if r["kernel"] in ("gemv", "mma"):
+        if r["kernel"] in ("gemv", "mma", "swap"):
             cfg = r["config"]
             name = f"{r['kernel']} M{r['M']}" + (" zp" if r["zp"] else "") + (" fp32" if r.get("ieee") else "") \
                 + (" dot/value" if r.get("one_dot") is False else "") + (" strided x" if r.get("vec_x") is False else "") \

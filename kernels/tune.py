@@ -92,7 +92,8 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
     dozen to three dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
     warps, load variants, prefetch and pipeline depths and splits over a wider range; ``smoke``:
-    one tiny config per kernel."""
+    one tiny config per kernel. INT4 with groups of 16 values or more also tries the swap kernel
+    (``KERNEL: swap``), in every grid."""
     from inferkit.kernels import tuned
     from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config
 
@@ -111,6 +112,9 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             if kernel == "mma" and M <= 4:
                 cfg["KERNEL"] = "mma"
             out.append(cfg)
+        if bits == 4 and group >= 16:
+            bk = min(128, group)
+            out.append({"BN": 16, "BK": bk, "SPLIT_K": 2 if K >= 2 * bk else 1, "num_warps": 1, "KERNEL": "swap"})
         return _unique(out)
     shapes: list[tuple] = []  # (kernel, BN, warps, variant, splits[, GEMV loop keys])
     if grid == "quick":
@@ -143,18 +147,24 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             shapes = [("mma", bn, w, v, (1, 2, 4, 8)) for bn, w in [(32, 4), (64, 4), (128, 4), (128, 8)]
                       for v in (True, False)]
             shapes += [("mma", bn, 4, True, (1, 2, 4, 8), {"STAGES": st}) for bn in (64, 128) for st in (3, 4)]
+    if bits == 4 and group >= 16:  # the swap kernel (INT4 on the tensor cores, weights first), never a default
+        if grid == "quick":
+            shapes += [("swap", 128, 4, True, (1, 4, 8)), ("swap", 256, 8, True, (4, 8))]
+        else:
+            shapes += [("swap", bn, w, v, (1, 2, 4, 8, 16)) for bn, w in [(64, 4), (128, 4), (256, 8), (256, 4)]
+                       for v in (True, False)]
     out = [dict(picked)]
     if M == 1 and tuned.kernel_for(M, picked) == "gemv":  # the heuristic's tiles without the register cap
         out.append({**picked, "REG_CAP": 0})
     for kernel, bn, warps, variant, splits, *ahead in shapes:
-        bk = gemv_bk if kernel == "gemv" else mma_bk
+        bk = gemv_bk if kernel == "gemv" else min(128, group) if kernel == "swap" else mma_bk
         for split in splits:
             if split > 1 and K < bk * split:  # every split gets at least one tile of inputs
                 continue
             cfg = {"BN": bn, "BK": bk, "SPLIT_K": split, "num_warps": warps,
                    ("VEC_X" if kernel == "gemv" else "ONE_DOT"): variant, **(ahead[0] if ahead else {})}
-            if kernel == "mma" and M <= 4:
-                cfg["KERNEL"] = "mma"
+            if kernel == "mma" and M <= 4 or kernel == "swap":
+                cfg["KERNEL"] = kernel
             out.append(cfg)
     return _unique(out)
 

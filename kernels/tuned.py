@@ -14,12 +14,15 @@ Table format::
      "configs": [{"bits": 4, "group": 128, "K": 4096, "N": 14336, "M": 1,
                   "BN": 64, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "VEC_X": true, "us": 12.5}]}
 
-``group`` is K for per-channel scales; ``KERNEL`` (optional) is ``gemv`` or ``mma``, the GEMV
-kernel being the default up to 4 rows and allowed only there; ``REG_CAP`` (optional) the GEMV's
+``group`` is K for per-channel scales; ``KERNEL`` (optional) is ``gemv``, ``mma`` or ``swap``, the
+GEMV kernel being the default up to 4 rows and allowed only there, ``swap`` (INT4 on the tensor
+cores with the weights as the first operand, any row count; its ``BK`` at most the group size)
+never a default; ``REG_CAP`` (optional) the GEMV's
 registers per thread (0: none; without it, ``quant_matmul.gemv_register_cap`` decides); ``PREFETCH``
 (optional, 1-3, default 1) how many tiles ahead the GEMV loads its words into registers;
 ``STAGES`` (optional, 0 or 2-5, default 0) the GEMV's pipelined loop instead (cp.async through
-shared memory), or the MMA kernel's pipeline stages (2-5, default 2). Row buckets: 1, 2, 3, 4 exactly;
+shared memory), or the MMA kernel's pipeline stages (2-5, default 2), or the swap kernel's
+(1-5, default 1: no pipelining). Row buckets: 1, 2, 3, 4 exactly;
 then 5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket
 serving the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
 bounded number of compiled variants for mixed prefill steps).
@@ -40,6 +43,7 @@ TILE = ("BN", "BK", "SPLIT_K", "num_warps")  # a config's keys an entry always h
 OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "PREFETCH", "STAGES")  # and those it may have
 PREFETCH_AHEAD = (1, 2, 3)  # the GEMV's PREFETCH: tiles loaded ahead into registers
 PIPELINE_STAGES = (2, 3, 4, 5)  # a pipelined loop's STAGES (the GEMV's also 0: PREFETCH's loop)
+SWAP_STAGES = (1, *PIPELINE_STAGES)  # the swap kernel's (1: its loads are not pipelined)
 
 
 def slug(device_name: str) -> str:
@@ -61,7 +65,7 @@ def kernel_for(M: int, cfg: dict) -> str | None:
     """The kernel a config launches for M rows: its ``KERNEL``, else the GEMV up to 4 rows and
     the MMA kernel above; None when ``KERNEL`` names no kernel, or the GEMV above 4 rows."""
     kernel = cfg.get("KERNEL", "gemv" if M <= 4 else "mma")
-    return kernel if kernel == "mma" or (kernel == "gemv" and M <= 4) else None
+    return kernel if kernel in ("mma", "swap") or (kernel == "gemv" and M <= 4) else None
 
 
 def _check(entry: dict, where: str) -> dict:
@@ -80,9 +84,11 @@ def _check(entry: dict, where: str) -> dict:
             raise bad(f"'{key}' must be a power of two")
     kernel = kernel_for(entry["M"], entry)
     if kernel is None:
-        raise bad("'KERNEL' must be 'mma', or 'gemv' for up to 4 rows")
+        raise bad("'KERNEL' must be 'mma', 'swap', or 'gemv' for up to 4 rows")
     if entry["BK"] % vals or entry["BK"] // vals < (16 if kernel == "mma" else 1):
         raise bad(f"'BK' must hold whole words ({vals} values), at least 16 of them for the MMA kernel")
+    if kernel == "swap" and (entry["bits"] != 4 or entry["BK"] < 16 or entry["BK"] > entry["group"]):
+        raise bad("the swap kernel takes 4 bits and a 'BK' of 16 values up to the group size")
     if entry["num_warps"] not in (1, 2, 4, 8, 16) or entry["SPLIT_K"] > 64:
         raise bad("'num_warps' must be 1-16 (a power of two) and 'SPLIT_K' at most 64")
     if bucket(entry["M"]) is None:
@@ -94,11 +100,14 @@ def _check(entry: dict, where: str) -> dict:
         raise bad("'REG_CAP' must be 0 (no cap) or a multiple of 8 registers from 24 to 248")
     if "PREFETCH" in entry and (isinstance(entry["PREFETCH"], bool) or entry["PREFETCH"] not in PREFETCH_AHEAD):
         raise bad("'PREFETCH' must be 1, 2 or 3 tiles ahead")
-    if "STAGES" in entry and (isinstance(entry["STAGES"], bool) or entry["STAGES"] not in (0, *PIPELINE_STAGES)
-                              or entry["STAGES"] and entry.get("PREFETCH", 1) != 1):
+    if kernel != "swap" and "STAGES" in entry and (
+            isinstance(entry["STAGES"], bool) or entry["STAGES"] not in (0, *PIPELINE_STAGES)
+            or entry["STAGES"] and entry.get("PREFETCH", 1) != 1):
         raise bad("'STAGES' must be 0 or 2-5 (the pipelined GEMV loop, which takes no 'PREFETCH')")
     if kernel == "mma" and entry.get("STAGES", 2) not in PIPELINE_STAGES:
         raise bad("'STAGES' of the MMA kernel must be 2-5")
+    if kernel == "swap" and (isinstance(entry.get("STAGES"), bool) or entry.get("STAGES", 1) not in SWAP_STAGES):
+        raise bad("'STAGES' of the swap kernel must be 1-5")
     return entry
 
 

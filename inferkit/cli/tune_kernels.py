@@ -24,7 +24,7 @@ def describe(cfg: dict) -> str:
     from inferkit.kernels.tuned import kernel_for
 
     kernel = kernel_for(cfg["M"], cfg)
-    variant = {("gemv", False): " strided-x", ("mma", False): " dot/value"}.get((kernel, cfg.get("VEC_X", cfg.get("ONE_DOT", True))), "")
+    variant = {("gemv", False): " strided-x", ("mma", False): " dot/value", ("swap", False): " dot/value"}.get((kernel, cfg.get("VEC_X", cfg.get("ONE_DOT", True))), "")
     cap = f" regs{cfg['REG_CAP'] or '-uncapped'}" if "REG_CAP" in cfg else ""
     ahead = f" pf{cfg['PREFETCH']}" if cfg.get("PREFETCH", 1) != 1 else ""
     ahead += f" st{cfg['STAGES']}" if cfg.get("STAGES") else ""

@@ -79,11 +79,27 @@ def test_override_wins_over_packaged_table(tmp_path, monkeypatch):
     assert tuned.lookup(1, 14336, 4096, 128, 4, H100)["BN"] == 64
 
 
+def test_swap_kernel_entries_are_served_at_any_row_count(tmp_path, monkeypatch):
+    good = [entry(KERNEL="swap", BN=128, num_warps=4), entry(M=16, KERNEL="swap", ONE_DOT=False, STAGES=3),
+            entry(M=64, KERNEL="swap", group=4096, BK=128, STAGES=1)]
+    tuned.write_table(tmp_path / "NVIDIA_H100_80GB_HBM3.json", H100, good)
+    monkeypatch.setenv(tuned.ENV, str(tmp_path))
+    tuned.clear_cache()
+    assert tuned.lookup(1, 14336, 4096, 128, 4, H100) == {"BN": 128, "BK": 128, "SPLIT_K": 4, "num_warps": 4,
+                                                            "VEC_X": False, "KERNEL": "swap"}
+    assert tuned.lookup(9, 14336, 4096, 128, 4, H100)["STAGES"] == 3
+    assert tuned.lookup(40, 14336, 4096, 4096, 4, H100)["KERNEL"] == "swap"
+
+
 @pytest.mark.parametrize("bad, why", [
     (entry(BN=48), "'BN' must be a power of two"),
     (entry(M=8, BK=64), "at least 16 of them for the MMA kernel"),
     (entry(M=4, BK=64, KERNEL="mma"), "at least 16 of them for the MMA kernel"),
-    (entry(M=8, KERNEL="gemv"), "'KERNEL' must be 'mma', or 'gemv' for up to 4 rows"),
+    (entry(M=8, KERNEL="gemv"), "'KERNEL' must be 'mma', 'swap', or 'gemv' for up to 4 rows"),
+    (entry(KERNEL="swap", bits=8, BK=128), "the swap kernel takes 4 bits"),
+    (entry(KERNEL="swap", group=64, BK=128), "a 'BK' of 16 values up to the group size"),
+    (entry(KERNEL="swap", BK=8), "a 'BK' of 16 values up to the group size"),
+    (entry(KERNEL="swap", STAGES=6), "'STAGES' of the swap kernel must be 1-5"),
     (entry(KERNEL="fast"), "'KERNEL' must be"),
     (entry(BK=4), "'BK' must hold whole words"),
     (entry(M=100), "'M' above 64"),
@@ -101,6 +117,7 @@ def test_override_wins_over_packaged_table(tmp_path, monkeypatch):
     ({k: v for k, v in entry().items() if k != "N"}, "'N' must be a positive integer"),
 ])
 def test_bad_entries_are_refused_with_the_reason(tmp_path, bad, why):
+    """(The swap kernel's entries: INT4, a K tile inside one group, 1-5 stages, any row count.)"""
     with pytest.raises(ValueError, match=why):
         tuned.write_table(tmp_path / "t.json", H100, [bad])
     assert not (tmp_path / "t.json").exists()
@@ -176,5 +193,5 @@ def test_gpu_benchmark_smoke_writes_a_table_the_runtime_reads(tmp_path):
         assert [r["picked"] for r in swept][0] and sum(r["picked"] for r in swept) == 1  # the heuristic's, first
         assert any(r["BN"] == 16 and r["SPLIT_K"] == 2 for r in swept)  # and a tiny split config
     # at 4 rows both kernels were tried (and checked against the reference before timing)
-    assert sorted({r.get("KERNEL", "gemv") for r in sweep if r["M"] == 4}) == ["gemv", "mma"]
+    assert sorted({r.get("KERNEL", "gemv") for r in sweep if r["M"] == 4}) == ["gemv", "mma", "swap"]
     assert "int4 best swept" in run.stdout

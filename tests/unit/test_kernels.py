@@ -264,6 +264,56 @@ def test_quant_matmul_random_configs_match_reference():
         assert rel_err(out, reference_quant_matmul(x, w, s, z, bits, group)) < 1e-5, (M, bits, group, K, N, cfg)
 
 
+@pytest.mark.parametrize("M, K, group, asym, dtype, cfg", [
+    (1, 512, 128, False, torch.bfloat16, dict(BN=32, SPLIT_K=4, num_warps=4)),
+    (3, 384, 64, True, torch.float16, dict(BN=16, SPLIT_K=1, num_warps=4, ONE_DOT=False)),
+    (17, 256, 32, True, torch.bfloat16, dict(BN=64, SPLIT_K=2, num_warps=4, STAGES=2)),
+    (40, 200, None, True, torch.float16, dict(BN=32, SPLIT_K=3, num_warps=4)),  # per channel, K a partial tile
+    (5, 576, 64, False, torch.bfloat16, dict(BN=16, SPLIT_K=2, num_warps=1, ONE_DOT=False)),  # the demo's K
+], ids=["m1-g128", "m3-g64-zp-per-value", "m17-g32-zp", "m40-channel-k200", "m5-g64-k576"])
+def test_swap_kernel_matches_reference(M, K, group, asym, dtype, cfg):
+    """The swap kernel (KERNEL swap: weights as the dot's first operand, value-major K, the scale
+    on each tile's product) against the float64 reference, with a bias, over row tiles of 16-64,
+    groups of 32-128 and per channel, zero points, split K and a K that ends inside a tile. Its
+    K tile is clamped into one group (BK 128 asked, 64 or 32 taken)."""
+    from inferkit.kernels import quant_matmul as qm
+
+    x, w, s, z = quant_case(M, 48, K, 4, group, asym, dtype, seed=M + K)
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(M)).to(dtype).to(DEVICE)
+    config = {**cfg, "BK": 128, "KERNEL": "swap"}
+    kernel, grid, split, _, consts = qm._plan(M, 48, K, K // 8, s.shape[1], 4, group, dtype, torch.device(DEVICE),
+                                              asym, True, tuple(sorted(config.items())))
+    assert kernel is qm._swap_kernel and consts["BK"] == min(128, group or 128)
+    assert consts["BM"] == (16 if M <= 16 else 32 if M <= 32 else 64) and grid == (-(-48 // cfg["BN"]), -(-M // consts["BM"]), split)
+    assert consts["EVEN_K"] is (K % consts["BK"] == 0) and consts["num_stages"] == cfg.get("STAGES", 1)
+    out = quant_matmul(x, w, s, z, 4, group, bias=bias, config=config)
+    assert out.dtype == dtype and out.shape == (M, 48)
+    ref = reference_quant_matmul(x, w, s, z, 4, group).cpu() + bias.double().cpu()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_swap_kernel_leaves_what_it_cannot_take_to_the_other_kernels():
+    """Float32 inputs and groups under 16 values take the heuristic's kernel (same bits as
+    without the config); 8-bit weights and a bad STAGES are errors."""
+    from inferkit.kernels import quant_matmul as qm
+
+    swap = {"BN": 32, "BK": 128, "SPLIT_K": 1, "num_warps": 4, "KERNEL": "swap"}
+    x, w, s, z = quant_case(2, 24, 256, 4, 64, True, torch.float32, seed=1)
+    assert qm._plan(2, 24, 256, 32, 4, 4, 64, torch.float32, torch.device(DEVICE), True, False,
+                    tuple(sorted(swap.items())))[0] is qm._gemv_kernel
+    assert torch.equal(quant_matmul(x, w, s, z, 4, 64, config=swap), quant_matmul(x, w, s, z, 4, 64))
+    x, w, s, z = quant_case(2, 24, 256, 4, 8, False, torch.float16, seed=2)
+    assert torch.equal(quant_matmul(x, w, s, z, 4, 8, config=swap), quant_matmul(x, w, s, z, 4, 8))
+    x, w, s, z = quant_case(2, 24, 256, 8, 64, False, torch.float16, seed=3)
+    with pytest.raises(ValueError, match="4-bit weights"):
+        quant_matmul(x, w, s, z, 8, 64, config=swap)
+    x, w, s, z = quant_case(2, 24, 256, 4, 64, False, torch.float16, seed=3)
+    with pytest.raises(ValueError, match="1-5 stages"):
+        quant_matmul(x, w, s, z, 4, 64, config={**swap, "STAGES": 0})
+    assert qm.swap_tile_k(128, 96, False) == 32 and qm.swap_tile_k(64, 4096, True) == 64
+    assert qm.swap_tile_k(128, 8, False) is None and qm.swap_tile_k(128, 40, False) is None
+
+
 def test_quant_matmul_bias_larger_batch_and_a_non_power_of_two_input():
     x, w, s, z = quant_case(40, 24, 96, 4, 32, False, torch.float32, seed=4)  # K = 3 groups of 32
     bias = torch.randn(24).to(DEVICE)

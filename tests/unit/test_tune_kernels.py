@@ -61,7 +61,8 @@ def test_every_config_is_checked_then_timed_and_the_fastest_kept(tuned_run):
         heuristic = qm.pick_config(r["M"], r["N"], r["K"], r["group"], DEVICE, r["bits"])
         assert {k: configs[0][k] for k in heuristic} == heuristic  # the heuristic's first
         kernels = {c.get("KERNEL", "gemv" if r["M"] <= 4 else "mma") for c in configs}
-        assert kernels == ({"gemv", "mma"} if r["M"] <= 4 else {"mma"})  # the smoke grid: one tiny config each
+        # the smoke grid: one tiny config each; the swap kernel for INT4 only
+        assert kernels == ({"gemv", "mma"} if r["M"] <= 4 else {"mma"}) | ({"swap"} if r["bits"] == 4 else set())
         for c in configs:
             assert c["error"] is None, c
             assert c["rel_err"] < tune.MAX_REL_ERR[torch.bfloat16] and c["us"] > 0
@@ -154,8 +155,11 @@ def test_candidate_grids():
     assert full[0] == quick[0] == {**qm.pick_config(1, 14336, 4096, 128, dev, 4), "VEC_X": True}
     assert len({tuple(sorted(c.items())) for c in full}) == len(full)  # no repeats
     # 6 tiles x 4 splits (the heuristic's among them), 2 of them also 2 tiles ahead and in 4
-    # pipelined stages at 2 splits
-    assert len(quick) == 33 and len(full) > len(quick)
+    # pipelined stages at 2 splits; the swap kernel's 128x4 at 3 splits and 256x8 at 2
+    assert len(quick) == 38 and len(full) > len(quick)
+    assert sorted((c["BN"], c["num_warps"], c["SPLIT_K"]) for c in quick if c.get("KERNEL") == "swap") == \
+        [(128, 4, 1), (128, 4, 4), (128, 4, 8), (256, 8, 4), (256, 8, 8)]
+    assert len([c for c in full if c.get("KERNEL") == "swap"]) == 4 * 2 * 5  # tiles x (joined, per value) x splits
     for keys in ({"PREFETCH": 2}, {"STAGES": 4}):
         assert sorted((c["BN"], c["num_warps"], c["SPLIT_K"]) for c in quick if keys.items() <= c.items()) == \
             [(64, 4, 4), (64, 4, 8), (128, 8, 4), (128, 8, 8)]
@@ -163,7 +167,7 @@ def test_candidate_grids():
     assert quick[1] == {**quick[0], "REG_CAP": 0} and full[1] == quick[1]  # and it uncapped
     assert {c["SPLIT_K"] for c in full} == {1, 2, 4, 8, 16}
     for c in full:  # every GEMV tile gives each thread 1-16 packed words
-        assert 1 <= c["BN"] * c["BK"] // 8 // (32 * c["num_warps"]) <= 16
+        assert c.get("KERNEL") == "swap" or 1 <= c["BN"] * c["BK"] // 8 // (32 * c["num_warps"]) <= 16
     mma = tune.candidates(32, 4096, 4096, 128, 4, dev, "full")
     assert all(c.get("ONE_DOT") in (True, False) and "VEC_X" not in c for c in mma)
     assert {c.get("STAGES", 2) for c in mma} == {2, 3, 4}  # the MMA kernel's pipeline depth
@@ -186,3 +190,6 @@ def test_table_labels_for_times_and_configs():
     assert describe({"M": 1, "BN": 64, "BK": 128, "SPLIT_K": 8, "num_warps": 4, "PREFETCH": 2}) == "gemv 64x128 k8 w4 pf2"
     assert describe({"M": 1, "BN": 64, "BK": 128, "SPLIT_K": 8, "num_warps": 4, "STAGES": 3}) == "gemv 64x128 k8 w4 st3"
     assert describe({"M": 2, "KERNEL": "mma", "BN": 64, "BK": 128, "SPLIT_K": 1, "num_warps": 4}) == "mma 64x128 k1 w4"
+    assert describe({"M": 1, "KERNEL": "swap", "BN": 128, "BK": 128, "SPLIT_K": 4, "num_warps": 4}) == "swap 128x128 k4 w4"
+    assert describe({"M": 8, "KERNEL": "swap", "BN": 128, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "ONE_DOT": False,
+                     "STAGES": 2}) == "swap 128x128 k4 w4 dot/value st2"
