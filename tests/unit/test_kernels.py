@@ -720,7 +720,7 @@ def test_quant_matmul_refuses_bad_arguments_with_the_reason():
         quant_matmul(torch.cat([x] * 5), w, s, z, 4, 32, config={"BK": 64})
     with pytest.raises(ValueError, match="x must be"):
         quant_matmul(x[0], w, s, z, 4, 32)
-    with pytest.raises(ValueError, match="KERNEL 'gemv': 'mma', or 'gemv' for up to 4 rows"):
+    with pytest.raises(ValueError, match="KERNEL 'gemv': 'mma', 'swap', or 'gemv' for up to 4 rows"):
         quant_matmul(torch.cat([x] * 5), w, s, z, 4, 32, config={"KERNEL": "gemv"})
     with pytest.raises(ValueError, match="BK 64 too small"):
         quant_matmul(x, w, s, z, 4, 32, config={"KERNEL": "mma", "BK": 64})
