@@ -485,6 +485,19 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
             pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
 
+@triton.jit
+def _tile(M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The program's tile of a (N tiles, M tiles, splits) grid: its ids, output columns and rows
+    with their masks, and its split's inputs [k_lo, k_hi)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
+    return pid_n, pid_m, pid_k, offs_n, offs_m, offs_n < N, offs_m < M, k_lo, k_hi
+
+
 @triton.jit(do_not_specialize=["M"])  # mixed prefill/decode steps bring any row count: one compile, not three
 def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
@@ -503,14 +516,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
     OFF: tl.constexpr = 1 << (BITS - 1)
     MASK: tl.constexpr = (1 << BITS) - 1
     ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BK <= GROUP and GROUP % BK == 0
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
+    pid_n, pid_m, pid_k, offs_n, offs_m, n_mask, m_mask, k_lo, k_hi = _tile(M, N, K, BM, BN, BK, SPLIT_K)
     acc = tl.zeros([BM, BN], tl.float32)
     if PER_CHANNEL:
         s = 1.0
@@ -604,6 +610,16 @@ def _value_major(w0, w1, w2, w3, w4, w5, w6, w7):
 
 
 @triton.jit
+def _swap_dot(w, x, acc, ASM: tl.constexpr):
+    """``acc + w @ x`` on the tensor cores in the inputs' dtype (ASM), else in float32, exactly."""
+    if ASM:
+        out = tl.dot(w, x, acc)
+    else:
+        out = tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
 def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
@@ -625,31 +641,19 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     BASE: tl.constexpr = 1024.0 if F16 else 128.0  # the float whose low mantissa bits take a nibble
     dt: tl.constexpr = x_ptr.dtype.element_ty if ASM else tl.float32
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BK)
+    pid_n, pid_m, pid_k, offs_n, offs_m, n_mask, m_mask, k_lo, k_hi = _tile(M, N, K, BM, BN, BK, SPLIT_K)
     kk = tl.arange(0, BK)
     acc = tl.zeros([BN, BM], tl.float32)
     off = tl.full([BN, 1], 8.0, tl.float32)  # the code offset, plus the zero point
     if PER_CHANNEL and HAS_ZP:
         off += tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None]
     for k0 in range(k_lo, k_hi, BK):
-        offs_kw = k0 // 8 + tl.arange(0, BKW)
-        if EVEN_K:
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :], mask=n_mask[:, None], other=0)
-        else:
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :],
-                            mask=n_mask[:, None] & (offs_kw < KW)[None, :], other=0)
-        if not PER_CHANNEL:
-            g = k0 // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
+        offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, 8, BKW, EVEN_K)
+        if not PER_CHANNEL:  # the tile lies in one group: s [BN, 1], z [BN]
+            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW, 8,
+                               GROUP, HAS_ZP, True)
             if HAS_ZP:
-                off = 8.0 + tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
+                off = 8.0 + z[:, None]
         c = (-(BASE + off)).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         addend = c | (c << 16)
         r0, r1 = _word_pairs(words)
@@ -666,25 +670,18 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
             x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (xk < K)[None, :]
             xn = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :], mask=x_mask, other=0)
             x = tl.reshape(tl.permute(tl.reshape(xn, [BM, BKW, 8]), (2, 1, 0)), [BK, BM])  # row C j + w: 8 w + j
-            if ASM:
-                part = tl.dot(w, x)
-            else:
-                part = tl.dot(w, x.to(tl.float32), input_precision="ieee")
+            part = _swap_dot(w, x, tl.zeros([BN, BM], tl.float32), ASM)
         else:
             part = tl.zeros([BN, BM], tl.float32)
             for j in tl.static_range(8):
                 xk = offs_kw * 8 + j
                 x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (xk < K)[:, None]
                 x = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=x_mask, other=0)
-                if ASM:
-                    part = tl.dot(_position(r0, r1, j, addend, off, dt, F16, ASM), x, part)
-                else:
-                    part = tl.dot(_position(r0, r1, j, addend, off, dt, F16, ASM), x.to(tl.float32), part,
-                                  input_precision="ieee")
+                part = _swap_dot(_position(r0, r1, j, addend, off, dt, F16, ASM), x, part, ASM)
         if PER_CHANNEL:
             acc += part
         else:
-            acc += part * s[:, None]
+            acc += part * s
     _finish(tl.trans(acc), out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om,
             stride_sn, pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
@@ -904,26 +901,14 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
             cfg = pick_config(M, N, K, group, device, bits)
             kernel = tuned.kernel_for(M, cfg)
         else:
-            stages = cfg.get("STAGES", 1)
-            if stages not in tuned.SWAP_STAGES:
-                raise ValueError(f"STAGES {stages!r}: the swap kernel's loop takes 1-5 stages")
-            split = cfg["SPLIT_K"]
-            bm = 16 if M <= 16 else 32 if M <= 32 else 64
-            tiles_n, tiles_m = -(-N // cfg["BN"]), -(-M // bm)
-            counters = _counters(device) if split > 1 else None
-            if split > 1 and tiles_n * tiles_m > counters.numel():
-                split, counters = 1, None
-            return _swap_kernel, (tiles_n, tiles_m, split), split, counters, dict(
-                BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm,
-                BN=cfg["BN"], BK=swap_bk, SPLIT_K=split, ONE_DOT=cfg.get("ONE_DOT", True), EVEN_K=K % swap_bk == 0,
-                ASM=PTX, num_warps=cfg["num_warps"], num_stages=stages)
+            cfg = {**cfg, "BK": swap_bk}
     if cfg["BK"] // vals < (16 if kernel == "mma" else 1):
         raise ValueError(f"BK {cfg['BK']} too small: the MMA kernel needs 16 words per step")
-    ieee = dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+    ieee = kernel == "mma" and (dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16))
     split = cfg["SPLIT_K"]
     gemv = kernel == "gemv"
     bm = 1 << (M - 1).bit_length() if gemv else 16 if M <= 16 else 32 if M <= 32 or ieee else 64
-    bn = cfg["BN"] if gemv or not ieee else min(cfg["BN"], 64)  # float32 tiles: keep shared memory small
+    bn = min(cfg["BN"], 64) if ieee else cfg["BN"]  # float32 MMA tiles: keep shared memory small
     tiles_n, tiles_m = -(-N // bn), -(-M // bm)
     counters = _counters(device) if split > 1 else None
     if split > 1 and tiles_n * tiles_m > counters.numel():
@@ -940,6 +925,13 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         options = gemv_options(M, bits, bn, cfg["BK"], cfg["num_warps"], has_zp, per_channel, group,
                                K % cfg["BK"] == 0, cfg.get("REG_CAP"), prefetch=prefetch, stages=stages)
         return _gemv_kernel, (tiles_n, split), split, counters, {**consts, "VEC_X": cfg.get("VEC_X", True), **options}
+    if kernel == "swap":
+        stages = cfg.get("STAGES", 1)
+        if stages not in tuned.SWAP_STAGES:
+            raise ValueError(f"STAGES {stages!r}: the swap kernel's loop takes 1-5 stages")
+        return _swap_kernel, (tiles_n, tiles_m, split), split, counters, {
+            **consts, "ONE_DOT": cfg.get("ONE_DOT", True), "EVEN_K": K % cfg["BK"] == 0, "ASM": PTX,
+            "num_stages": stages}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     stages = cfg.get("STAGES", 2)
     if stages not in tuned.PIPELINE_STAGES:

@@ -253,25 +253,19 @@ def report() -> list[dict]:
     rows = []
     for case in cases:
         if "swap" in case:
-            cfg = case["swap"]
-            c = inspect(quant_matmul_kernel(case["M"], group=case["group"], BN=cfg["BN"], BK=cfg["BK"],
-                                            split=cfg["SPLIT_K"], num_warps=cfg["num_warps"], zero_points=case["zp"],
-                                            one_dot=case.get("one_dot", True), swap=True))
-            weights = cfg["BN"] * cfg["BK"] / (32 * cfg["num_warps"])
-            rows.append({"kernel": "swap", **{k: v for k, v in case.items() if k != "swap"}, "config": cfg,
-                         "registers": c.registers, "spill_bytes": c.spill_bytes, "loop": dict(c.loop), "all": dict(c.all),
-                         "weights_per_thread": weights, "loop_per_weight": c.per_item(weights),
-                         "loop_length": c.loop_length, "wide_loads": c.wide_loads, "loop_waits": c.loop_waits})
-            continue
-        # 3-4 rows: the GEMV as a measured table or the tuner may launch it there (the heuristic
-        # takes the MMA kernel), with the heuristic's GEMV tiles for several rows
-        cfg = qm.pick_config(case["M"] if case["M"] > 4 else min(case["M"], 2), case["N"], case["K"], case["group"], cuda)
+            case = dict(case)
+            cfg, kind = case.pop("swap"), "swap"
+        else:
+            # 3-4 rows: the GEMV as a measured table or the tuner may launch it there (the heuristic
+            # takes the MMA kernel), with the heuristic's GEMV tiles for several rows
+            cfg = qm.pick_config(case["M"] if case["M"] > 4 else min(case["M"], 2), case["N"], case["K"], case["group"],
+                                 cuda)
+            kind = "gemv" if case["M"] <= 4 else "mma"
         c = inspect(quant_matmul_kernel(case["M"], group=case["group"], BN=cfg["BN"], BK=cfg["BK"], split=cfg["SPLIT_K"],
                                         num_warps=cfg["num_warps"], zero_points=case["zp"],
                                         mma_ieee=case.get("ieee", False), one_dot=case.get("one_dot", True),
                                         vec_x=case.get("vec_x", True), prefetch=case.get("prefetch", 1),
-                                        stages=case.get("stages", 0)))
-        kind = "gemv" if case["M"] <= 4 else "mma"
+                                        stages=case.get("stages", 0), swap=kind == "swap"))
         weights = cfg["BN"] * cfg["BK"] / (32 * cfg["num_warps"])  # per thread per loop iteration
         rows.append({"kernel": kind, **case, "config": cfg, "registers": c.registers, "spill_bytes": c.spill_bytes,
                      "loop": dict(c.loop), "all": dict(c.all), "weights_per_thread": weights,
