@@ -87,7 +87,7 @@ def test_mma_kernels_compile_with_tensor_cores_and_no_spills_in_the_loop(report)
 def test_swap_kernel_dequantizes_two_weights_per_instruction_for_the_tensor_cores(report):
     """The swap kernel (KERNEL swap): wgmma with the weights as the first operand, each pair of
     weights made two 16-bit floats by one lop3 and one packed add (HADD2), no int-to-float
-    conversion, no spills. At 1-16 rows and g128 the joined tile takes 2.8-3.1 instructions per
+    conversion, no spills. At 1-16 rows and g128 the joined tile takes 2.7-3.1 instructions per
     weight (Triton 3.6 and 3.9; BN 256 / 8 warps the fewer), where the GEMV at one row takes
     4.55: about a third fewer in the loop that bounds decode."""
     swaps = [r for r in report if r["kernel"] == "swap"]
