@@ -292,6 +292,51 @@ def test_swap_kernel_matches_reference(M, K, group, asym, dtype, cfg):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    """PTX ``lop3.b32``: bit i of the result is bit ``4 a_i + 2 b_i + c_i`` of ``lut``."""
+    out = 0
+    for i in range(32):
+        if lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1)) & 1:
+            out |= 1 << i
+    return out
+
+
+def test_swap_kernel_ptx_makes_every_nibble_pair_its_exact_value():
+    """The swap kernel's inline PTX runs on NVIDIA GPUs only (the interpreter takes a float32
+    path), so its constants are checked here bit for bit: for each 16-bit format, the lop3's mask,
+    magic exponent and truth table and the packed multiply-add's 1.0, emulated on words holding
+    every pair of codes (with every other bit set, which the mask must drop), and the addend the
+    kernel builds from its BASE, give exactly ``u - off`` for every code u and every offset 8 + z
+    of a zero point z in [-8, 7]."""
+    import inspect
+    import re
+
+    from inferkit.kernels import quant_matmul as qm
+
+    src = inspect.getsource(qm._pair_values.fn)
+    found = re.findall(r"lop3\.b32 t, \$1, (\d+), (\d+), (0x[0-9A-Fa-f]+); mov\.b32 one, (\d+);\"\s*"
+                       r"\"\s*fma\.rn\.(f16x2|bf16x2) \$0, t, one, \$2;", src)
+    assert sorted(f[-1] for f in found) == ["bf16x2", "f16x2"], src
+    base = re.search(r"BASE: tl\.constexpr = ([\d.]+) if F16 else ([\d.]+)", inspect.getsource(qm._swap_kernel.fn))
+    assert base is not None
+    halves = lambda word, dtype: torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype)  # noqa: E731
+    for mask, magic, lut, one, op in found:
+        dtype = torch.float16 if op == "f16x2" else torch.bfloat16
+        BASE = float(base.group(1) if dtype == torch.float16 else base.group(2))
+        mask, magic, lut, one = int(mask), int(magic), int(lut, 16), int(one)
+        assert halves(one, dtype).tolist() == [1.0, 1.0]
+        for u_lo in range(16):
+            u_hi = 15 - u_lo if u_lo % 2 else u_lo
+            word = (0xFFF0FFF0 | u_lo | (u_hi << 16)) & 0xFFFFFFFF
+            t = halves(_lop3(word, mask, magic, lut), dtype)
+            assert t.tolist() == [BASE + u_lo, BASE + u_hi], (op, u_lo)
+            for off in range(16):
+                addend = torch.tensor(-(BASE + off)).to(dtype)  # as the kernel rounds it
+                exact = t.double() * 1.0 + addend.double()  # fma: one rounding, of an exact sum
+                assert exact.tolist() == [u_lo - off, u_hi - off]
+                assert torch.equal(exact.to(dtype).double(), exact), (op, u_lo, off)
+
+
 def test_swap_kernel_leaves_what_it_cannot_take_to_the_other_kernels():
     """Float32 inputs and groups under 16 values take the heuristic's kernel (same bits as
     without the config); 8-bit weights and a bad STAGES are errors."""
