@@ -319,7 +319,8 @@ def test_swap_kernel_ptx_makes_every_nibble_pair_its_exact_value():
     assert sorted(f[-1] for f in found) == ["bf16x2", "f16x2"], src
     base = re.search(r"BASE: tl\.constexpr = ([\d.]+) if F16 else ([\d.]+)", inspect.getsource(qm._swap_kernel.fn))
     assert base is not None
-    halves = lambda word, dtype: torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype)  # noqa: E731
+    halves = lambda word, dtype: (torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32)  # noqa: E731
+                                  .to(torch.int16).view(dtype))
     for mask, magic, lut, one, op in found:
         dtype = torch.float16 if op == "f16x2" else torch.bfloat16
         BASE = float(base.group(1) if dtype == torch.float16 else base.group(2))
