@@ -4,7 +4,7 @@ way (graph-replayed, operands cycled past L2). For the issue's 2.5x target at 40
 the quick grid of ``benchmarks/gpu_kernels.py`` stops at 2.38x. ``--grid prefetch``: the GEMV's
 tiles pipelined (``STAGES``) or loading 1-3 tiles ahead (``PREFETCH``), the bytes-in-flight
 experiment (134 timings at 4096x14336: ``GPU_SWEEP_S=280``). ``--grid swap``: the swap kernel
-(``KERNEL: swap``, INT4 on the tensor cores with the weights as the first operand, 2.7-3.1
+(``KERNEL: swap``, INT4 on the tensor cores with the weights as the first operand, 2.5-2.8
 instructions per weight on sm_90 against the GEMV's 4.55), after the heuristic's GEMV config.
 
     python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200] \

@@ -19,7 +19,8 @@ visit K in any order). Nothing is written but the output (and split-K partials).
   into the inputs' order for one ``tl.dot`` per tile (``ONE_DOT``; or one dot per value position).
 - ``swap`` (opt-in, ``KERNEL: swap``; INT4, bf16/fp16 inputs): the weights as the first operand
   of the tensor-core dot, dequantized two at a time into 16-bit floats (``_pair_values``), K
-  taken value-major inside a tile; any row count, 1-16 rows filling one 16-wide tile.
+  reordered inside a tile to match (the inputs permuted alike); any row count, 1-16 rows
+  filling one 16-wide tile.
 
 Tiles come from ``pick_config``'s heuristic, or from a measured table for the GPU model
 (``inferkit.kernels.tuned``); each shape's launch is planned once (``_plan``).
@@ -552,12 +553,19 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
 
 
 @triton.jit
-def _word_pairs(words):
+def _word_pairs(words, ASM: tl.constexpr):
     """[R, 2C] words as two [R, C] words of nibble pairs: of each two neighbouring words (a, b),
     values 0-3 of a in the low half and values 0-3 of b in the high half (the first), values 4-7
     likewise (the second). Value j of a word and of its neighbour then sit 16 bits apart, where
-    one lop3 makes them two 16-bit floats (``_pair_values``)."""
+    one lop3 makes them two 16-bit floats (``_pair_values``). ASM: one PTX ``prmt`` each (the
+    bytes 1-0 of a and b, and 3-2)."""
     a, b = tl.split(tl.reshape(words, [words.shape[0], words.shape[1] // 2, 2]))
+    if ASM:
+        lo = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+        hi = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+        return lo, hi
     return (a & 0xFFFF) | (b << 16), ((a >> 16) & 0xFFFF) | (b & -65536)
 
 
@@ -601,12 +609,17 @@ def _position(r0, r1, j: tl.constexpr, addend, off, dtype: tl.constexpr, F16: tl
 
 
 @triton.jit
-def _value_major(w0, w1, w2, w3, w4, w5, w6, w7):
-    """Eight [R, C] tiles (value j of C words) as one [R, 8C] tile whose column ``C j + w`` is
-    value j of word w."""
-    t = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-    t = tl.permute(t, (0, 4, 3, 2, 1))  # [R, 2, 2, 2, C]: j = 4 d1 + 2 d2 + d3
-    return tl.reshape(t, [t.shape[0], t.shape[1] * t.shape[2] * t.shape[3] * t.shape[4]])
+def _pair_major(r0, r1, addend, off, dtype: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
+    """The tile's [R, C/2] word pairs (``_word_pairs``) as one [R, 8C] tile of values, dequantized
+    but for the scale, pair-major: column ``16 c + 2 j + e`` is value j of word ``2 c + e``, so
+    that each thread's values of a word pair lie side by side (wide stores on their way to the
+    tensor cores)."""
+    t = tl.join(tl.join(tl.join(_pair_values(r0, 0, addend, F16, ASM), _pair_values(r0, 4, addend, F16, ASM)),
+                        tl.join(_pair_values(r0, 8, addend, F16, ASM), _pair_values(r0, 12, addend, F16, ASM))),
+                tl.join(tl.join(_pair_values(r1, 0, addend, F16, ASM), _pair_values(r1, 4, addend, F16, ASM)),
+                        tl.join(_pair_values(r1, 8, addend, F16, ASM), _pair_values(r1, 12, addend, F16, ASM))))
+    t = tl.permute(t, (0, 1, 4, 3, 2))  # [R, C/2, 2, 2, 2]: j = 4 d2 + 2 d3 + d4
+    return _pair_floats(tl.reshape(t, [t.shape[0], t.shape[1] * 8]), off, dtype, ASM)
 
 
 @triton.jit
@@ -630,13 +643,14 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     one 16-column tile, where the MMA kernel's rows are the padded side of a 16-row tile). The
     words become 16-bit floats two at a time, in registers (``_pair_values``: a lop3 and an HADD2
     per two weights, no int-to-float conversion and no scale), and the scale multiplies each
-    tile's float32 product (a tile lies inside one group: BK divides the group size). K inside
-    a tile is taken in value-major order, column ``C j + w`` being value j of word w (C = BK / 8
-    words): inputs are loaded in order and permuted to match. ONE_DOT: the eight value positions
-    joined into one [BN, BK] tile for one dot; otherwise a dot per value position, over the
-    inputs ``8 w + j`` loaded for each (the weights then stay in registers on sm_90; joined they
-    pass through shared memory). ASM (PTX): the 16-bit floats as above and a dot in the inputs'
-    dtype; otherwise (the interpreter) the same values in float32 and a float32 dot."""
+    tile's float32 product (a tile lies inside one group: BK divides the group size). ONE_DOT:
+    one [BN, BK] tile for one dot, K inside it pair-major (``_pair_major``: column
+    ``16 c + 2 j + e`` is value j of word 2 c + e), the inputs loaded in order and permuted to
+    match; otherwise a dot per value position j over the inputs ``8 w + j`` loaded for each.
+    Either way the values reach the tensor cores through shared memory (Triton converts their
+    layout there; joined, 16-byte stores). ASM (PTX): the word pairs by ``prmt``, the 16-bit
+    floats as above and a dot in the inputs' dtype; otherwise (the interpreter) the same values
+    in float32 and a float32 dot."""
     BKW: tl.constexpr = BK // 8
     F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     BASE: tl.constexpr = 1024.0 if F16 else 128.0  # the float whose low mantissa bits take a nibble
@@ -656,20 +670,14 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                 off = 8.0 + z[:, None]
         c = (-(BASE + off)).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         addend = c | (c << 16)
-        r0, r1 = _word_pairs(words)
+        r0, r1 = _word_pairs(words, ASM)
         if ONE_DOT:
-            w = _value_major(_position(r0, r1, 0, addend, off, dt, F16, ASM),
-                             _position(r0, r1, 1, addend, off, dt, F16, ASM),
-                             _position(r0, r1, 2, addend, off, dt, F16, ASM),
-                             _position(r0, r1, 3, addend, off, dt, F16, ASM),
-                             _position(r0, r1, 4, addend, off, dt, F16, ASM),
-                             _position(r0, r1, 5, addend, off, dt, F16, ASM),
-                             _position(r0, r1, 6, addend, off, dt, F16, ASM),
-                             _position(r0, r1, 7, addend, off, dt, F16, ASM))
+            w = _pair_major(r0, r1, addend, off, dt, F16, ASM)
             xk = k0 + kk
             x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (xk < K)[None, :]
             xn = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :], mask=x_mask, other=0)
-            x = tl.reshape(tl.permute(tl.reshape(xn, [BM, BKW, 8]), (2, 1, 0)), [BK, BM])  # row C j + w: 8 w + j
+            # row 16 c + 2 j + e: input 8 (2 c + e) + j
+            x = tl.reshape(tl.permute(tl.reshape(xn, [BM, BKW // 2, 2, 8]), (1, 3, 2, 0)), [BK, BM])
             part = _swap_dot(w, x, tl.zeros([BN, BM], tl.float32), ASM)
         else:
             part = tl.zeros([BN, BM], tl.float32)

@@ -301,18 +301,41 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return out
 
 
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte ``selector`` nibble i of
+    (b, a) (bytes 0-3 of a, 4-7 of b), or that byte's sign replicated where the nibble's top bit is set."""
+    src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    out = 0
+    for i in range(4):
+        sel = selector >> 4 * i & 0xF
+        byte = src[sel & 7]
+        out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << 8 * i
+    return out
+
+
 def test_swap_kernel_ptx_makes_every_nibble_pair_its_exact_value():
     """The swap kernel's inline PTX runs on NVIDIA GPUs only (the interpreter takes a float32
-    path), so its constants are checked here bit for bit: for each 16-bit format, the lop3's mask,
+    path), so its constants are checked here bit for bit: the prmt selectors that pair two words
+    against the interpreter's shifts and masks; for each 16-bit format, the lop3's mask,
     magic exponent and truth table and the packed multiply-add's 1.0, emulated on words holding
     every pair of codes (with every other bit set, which the mask must drop), and the addend the
     kernel builds from its BASE, give exactly ``u - off`` for every code u and every offset 8 + z
     of a zero point z in [-8, 7]."""
     import inspect
+    import random
     import re
 
     from inferkit.kernels import quant_matmul as qm
 
+    # the word pairs: prmt as the interpreter's shifts and masks make them
+    selectors = [int(v, 16) for v in re.findall(r"prmt\.b32 \$0, \$1, \$2, (0x[0-9A-Fa-f]+);",
+                                                inspect.getsource(qm._word_pairs.fn))]
+    assert len(selectors) == 2 and _prmt(0x03020100, 0x07060504, 0x7531) == 0x07050301  # the PTX manual's numbering
+    rng = random.Random(0)
+    for a, b in [(0, 0xFFFFFFFF), (0x89ABCDEF, 0x01234567)] + [(rng.getrandbits(32), rng.getrandbits(32))
+                                                             for _ in range(200)]:
+        assert [_prmt(a, b, sel) for sel in selectors] == [(a & 0xFFFF) | (b << 16 & 0xFFFFFFFF),
+                                                           (a >> 16) | (b & 0xFFFF0000)], (hex(a), hex(b))
     src = inspect.getsource(qm._pair_values.fn)
     found = re.findall(r"lop3\.b32 t, \$1, (\d+), (\d+), (0x[0-9A-Fa-f]+); mov\.b32 one, (\d+);\"\s*"
                        r"\"\s*fma\.rn\.(f16x2|bf16x2) \$0, t, one, \$2;", src)

@@ -86,10 +86,11 @@ def test_mma_kernels_compile_with_tensor_cores_and_no_spills_in_the_loop(report)
 
 def test_swap_kernel_dequantizes_two_weights_per_instruction_for_the_tensor_cores(report):
     """The swap kernel (KERNEL swap): wgmma with the weights as the first operand, each pair of
-    weights made two 16-bit floats by one lop3 and one packed add (HADD2), no int-to-float
-    conversion, no spills. At 1-16 rows and g128 the joined tile takes 2.7-3.1 instructions per
-    weight (Triton 3.6 and 3.9; BN 256 / 8 warps the fewer), where the GEMV at one row takes
-    4.55: about a third fewer in the loop that bounds decode."""
+    weights made two 16-bit floats by one lop3 and one packed add (HADD2), each pair of words
+    made by one prmt, no int-to-float conversion, no spills. At 1-16 rows and g128 the joined
+    tile takes 2.6-2.8 instructions per weight here (no FP contraction; 2.5-2.7 with it, as
+    launched; Triton 3.6 and 3.9; BN 256 / 8 warps the fewer), where the GEMV at one row takes
+    4.55: about 40% fewer in the loop that bounds decode."""
     swaps = [r for r in report if r["kernel"] == "swap"]
     assert len(swaps) == 6
     gemv = next(r for r in report if r["kernel"] == "gemv" and r["M"] == 1 and (r["K"], r["N"]) == (4096, 14336)
@@ -100,9 +101,10 @@ def test_swap_kernel_dequantizes_two_weights_per_instruction_for_the_tensor_core
         assert loop.get("HGMMA", 0) + loop.get("HMMA", 0) > 0, r
         assert loop.get("I2F", 0) + loop.get("I2FP", 0) + loop.get("F2FP", 0) == 0, r
         assert loop.get("HADD2", 0) + loop.get("HFMA2", 0) >= r["weights_per_thread"] / 2, r  # one per two weights
-        assert r["loop_per_weight"] < 5.5, r  # the demo's g64 tile with zero points, 64 x 64: 4.7-5.2
+        assert loop.get("PRMT", 0) >= r["weights_per_thread"] / 8, r  # one per pair of words, each way
+        assert r["loop_per_weight"] < 5.5, r  # the demo's g64 tile with zero points, 64 x 64: 4.2-4.5
         if r["group"] == 128 and r.get("one_dot", True) and r["M"] <= 16:
-            assert r["loop_per_weight"] < 3.2 and r["loop_per_weight"] < gemv["loop_per_weight"] - 1.3, (r, gemv)
+            assert r["loop_per_weight"] < 2.9 and r["loop_per_weight"] < gemv["loop_per_weight"] - 1.6, (r, gemv)
 
 
 def test_paged_attention_compiles_without_spills(report):
