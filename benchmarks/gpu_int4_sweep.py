@@ -50,18 +50,35 @@ def prefetch_grid(N: int, K: int, device: torch.device) -> list[dict]:
 
 
 def swap_grid(N: int, K: int, device: torch.device) -> list[dict]:
-    """The heuristic's GEMV config, then the swap kernel: BN x warps 128x4, 256x8, 256x4, 64x4,
-    128x8 over 1-16 splits of K, the joined tile (one dot per tile) first, then a dot per value
-    position, then 2 and 3 pipeline stages of the first two tiles."""
+    """The heuristic's GEMV config, then the swap kernel (61 configs), most promising first
+    should the time budget run out. Compiled for sm_90 at one row (``python -m
+    inferkit.kernels.sass``; registers decide programs per SM, and with them the words in flight):
+    the joined tile (``ONE_DOT``) takes 2.4-2.7 instructions per weight at BN 128-256 but
+    96-255 registers, 1-3 programs per SM; a dot per value position takes 3.0-4.2 in 63-110
+    registers, 2-8 programs; pipelining (``STAGES`` 3-4) keeps 2-3 tiles of words in flight per
+    program. So: the joined tiles over 4 and 8 splits, the joined and per-value tiles pipelined
+    in 3 stages, the per-value tiles unpipelined, then the other splits (2, 16, 1), 2 and 4
+    stages."""
     from inferkit.kernels import tune
     from inferkit.kernels.quant_matmul import pick_config
 
+    joined = dict(ONE_DOT=True)
+    per_value = dict(ONE_DOT=False)
+    loops = [  # (keys, (BN, warps) tiles, splits)
+        (joined, ((128, 4), (256, 4), (256, 8), (64, 4), (128, 8)), (4, 8)),
+        ({**joined, "STAGES": 3}, ((128, 4), (256, 4), (64, 4)), (4, 8)),
+        ({**per_value, "STAGES": 3}, ((128, 4), (128, 8), (64, 4)), (4, 8)),
+        (per_value, ((128, 4), (128, 8), (64, 4), (256, 8)), (4, 8)),
+        (joined, ((128, 4), (256, 4), (256, 8), (64, 4), (128, 8)), (2, 16, 1)),
+        ({**joined, "STAGES": 2}, ((128, 4), (64, 4)), (4, 8)),
+        ({**joined, "STAGES": 4}, ((128, 4), (64, 4)), (4, 8)),
+        ({**per_value, "STAGES": 4}, ((128, 8), (64, 4)), (4, 8)),
+        ({**per_value, "STAGES": 3}, ((128, 4), (128, 8)), (2, 16)),
+    ]
     out = [pick_config(1, N, K, 128, device, 4)]
-    tiles = ((128, 4), (256, 8), (256, 4), (64, 4), (128, 8))
-    for keys, shapes in [({"ONE_DOT": True}, tiles), ({"ONE_DOT": False}, tiles),
-                         ({"ONE_DOT": True, "STAGES": 2}, tiles[:2]), ({"ONE_DOT": True, "STAGES": 3}, tiles[:2])]:
-        for bn, warps in shapes:
-            for split in (4, 2, 8, 16, 1):
+    for keys, tiles, splits in loops:
+        for bn, warps in tiles:
+            for split in splits:
                 if K >= 128 * split:
                     out.append({"KERNEL": "swap", "BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, **keys})
     return tune._unique(out)
@@ -74,7 +91,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting configs after this long")
     parser.add_argument("--grid", default="full", choices=("full", "quick", "prefetch", "swap"),
                         help="tune-kernels' grid, or prefetch: 5 tiles x (3-4 stages, 1-3 ahead) x 4 splits, and "
-                             "more; swap: the swap kernel's tiles x splits x (joined, per value, 2-3 stages)")
+                             "more; swap: the swap kernel's tiles x splits x (joined or per value) x 1-4 stages")
     args = parser.parse_args()
     from inferkit.kernels import tune
     from inferkit.kernels.quant_matmul import gemv_register_cap
