@@ -162,6 +162,44 @@ def test_packaged_tables_are_valid_and_named_after_their_gpu():
         assert path.stem == tuned.slug(device) and entries
 
 
+@pytest.mark.parametrize("grid", ["swap", "prefetch"])
+def test_int4_sweep_script_checks_each_config_and_names_the_fastest(tmp_path, grid):
+    """benchmarks/gpu_int4_sweep.py (``GPU_PARTS=sweep``) runs only when a GPU is lent: on the CPU
+    (the interpreter, a 256x64 problem, the grid's first configs) it checks that the script still
+    runs its grid after the heuristic's config, checks every config against the reference, and
+    names the fastest as a table entry with its speedup over bf16."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sweep.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_int4_sweep.py"), "--grid", grid,
+                          "--out", str(out)], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"},
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu (check)" and len(results["shapes"]) == 1
+    entry = results["shapes"][0]
+    rows = entry["rows"]
+    assert (entry["K"], entry["N"]) == (256, 64) and len(rows) >= 4
+    assert all(r["error"] is None and r["us"] > 0 and r["rel_err"] < 1e-2 for r in rows), rows
+    kernels = [r.get("KERNEL", "gemv") for r in rows]
+    assert kernels[0] == "gemv" and "KERNEL" not in rows[0] and entry["heuristic_us"] == rows[0]["us"]
+    if grid == "swap":
+        assert kernels[1:4] == ["swap"] * 3 and all(r["ONE_DOT"] for r in rows[1:4])  # the joined tiles first
+    else:
+        assert set(kernels) == {"gemv"} and any("STAGES" in r or "PREFETCH" in r for r in rows)
+    fastest = min(rows, key=lambda r: r["us"])
+    best = entry["best"]
+    assert best["us"] == pytest.approx(fastest["us"], abs=0.01) and best["M"] == 1 and best["K"] == 256
+    assert (best["BN"], best["SPLIT_K"], best["num_warps"], best.get("KERNEL")) == (
+        fastest["BN"], fastest["SPLIT_K"], fastest["num_warps"], fastest.get("KERNEL"))
+    assert entry["best_speedup"] == pytest.approx(entry["bf16_graphed_us"] / best["us"])
+    assert f"{entry['best_speedup']:.2f}x bf16 (>= 2.5x: NOT met)" in run.stdout
+
+
 def test_gpu_benchmark_smoke_writes_a_table_the_runtime_reads(tmp_path):
     """benchmarks/gpu_kernels.py runs only when a GPU is lent: its --smoke mode (tiny shapes, the
     CPU interpreter) checks that the script, its sweep and the table it writes still work."""
