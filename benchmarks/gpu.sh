@@ -4,8 +4,9 @@
 #   benchmarks/gpu.sh --prepare   # here, once: wheels for pytest, the demo's config/tokenizer and the
 #                                 # baseline revision's INT4 kernel (GPU_BASELINE_REV, default dc815a0) into .gpu/
 #   benchmarks/gpu.sh             # there: kernel and runtime tests, kernel benchmarks, end-to-end decode → $OUT
-# The swap kernel (KERNEL swap, not yet timed) for the INT4 2.5x target: GPU_PARTS=tests,sweep GPU_SWEEP_S=240
-# GPU_SWEEP_ARGS="--grid swap" (the tests run it against the reference first, its PTX path included).
+# The swap kernel (KERNEL swap, not yet timed) for the INT4 2.5x target: GPU_PARTS=sweep GPU_SWEEP_S=200
+# GPU_SWEEP_ARGS="--grid swap" first (each config is checked against the reference before it is timed), then
+# GPU_PARTS=tests on the same warm machine (the unit tests, its PTX path included).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
