@@ -33,19 +33,25 @@ def prefetch_grid(N: int, K: int, device: torch.device) -> list[dict]:
     registers (no spills on sm_90: 3 programs of 8 warps per SM with 96 bytes of words in flight
     per thread), 2 ahead in 72 (7 programs of 4 warps instead of 6), 2 and 5 stages, and last 1
     ahead as before (the new ones first, should the time budget run out)."""
-    from inferkit.kernels import tune
-    from inferkit.kernels.quant_matmul import pick_config
-
     tiles = ((128, 8), (64, 4), (256, 8), (128, 4), (64, 2))
     loops = [({"STAGES": st}, tiles) for st in (3, 4)] + [({"PREFETCH": pf}, tiles) for pf in (2, 3)]
     loops += [({"PREFETCH": 3, "REG_CAP": 80}, ((128, 8), (64, 4))), ({"PREFETCH": 2, "REG_CAP": 72}, ((64, 4),)),
               ({"STAGES": 2}, ((128, 8), (64, 4))), ({"STAGES": 5}, ((128, 8), (64, 4))), ({"PREFETCH": 1}, tiles)]
+    return _grid(N, K, device, [({"VEC_X": True, **keys}, shapes, (2, 4, 8, 16)) for keys, shapes in loops])
+
+
+def _grid(N: int, K: int, device: torch.device, loops: list[tuple]) -> list[dict]:
+    """The heuristic's config, then for each (keys, (BN, warps) tiles, splits) of ``loops`` the
+    tiles of 128 inputs over the splits that give every split a tile, with the keys."""
+    from inferkit.kernels import tune
+    from inferkit.kernels.quant_matmul import pick_config
+
     out = [pick_config(1, N, K, 128, device, 4)]
-    for keys, shapes in loops:
-        for bn, warps in shapes:
-            for split in (2, 4, 8, 16):
+    for keys, tiles, splits in loops:
+        for bn, warps in tiles:
+            for split in splits:
                 if K >= 128 * split:
-                    out.append({"BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, "VEC_X": True, **keys})
+                    out.append({"BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, **keys})
     return tune._unique(out)
 
 
@@ -59,11 +65,8 @@ def swap_grid(N: int, K: int, device: torch.device) -> list[dict]:
     program. So: the joined tiles over 4 and 8 splits, the joined and per-value tiles pipelined
     in 3 stages, the per-value tiles unpipelined, then the other splits (2, 16, 1), 2 and 4
     stages."""
-    from inferkit.kernels import tune
-    from inferkit.kernels.quant_matmul import pick_config
-
-    joined = dict(ONE_DOT=True)
-    per_value = dict(ONE_DOT=False)
+    joined = dict(KERNEL="swap", ONE_DOT=True)
+    per_value = dict(KERNEL="swap", ONE_DOT=False)
     loops = [  # (keys, (BN, warps) tiles, splits)
         (joined, ((128, 4), (256, 4), (256, 8), (64, 4), (128, 8)), (4, 8)),
         ({**joined, "STAGES": 3}, ((128, 4), (256, 4), (64, 4)), (4, 8)),
@@ -75,13 +78,7 @@ def swap_grid(N: int, K: int, device: torch.device) -> list[dict]:
         ({**per_value, "STAGES": 4}, ((128, 8), (64, 4)), (4, 8)),
         ({**per_value, "STAGES": 3}, ((128, 4), (128, 8)), (2, 16)),
     ]
-    out = [pick_config(1, N, K, 128, device, 4)]
-    for keys, tiles, splits in loops:
-        for bn, warps in tiles:
-            for split in splits:
-                if K >= 128 * split:
-                    out.append({"KERNEL": "swap", "BN": bn, "BK": 128, "SPLIT_K": split, "num_warps": warps, **keys})
-    return tune._unique(out)
+    return _grid(N, K, device, loops)
 
 
 def main() -> None:

@@ -570,14 +570,17 @@ def _word_pairs(words, ASM: tl.constexpr):
 
 
 @triton.jit
-def _pair_values(r, sh: tl.constexpr, addend, F16: tl.constexpr, ASM: tl.constexpr):
-    """The nibbles at bits sh and 16 + sh of each word. ASM: as two 16-bit floats ``u - off`` in
+def _pair_values(r0, r1, j: tl.constexpr, addend, F16: tl.constexpr, ASM: tl.constexpr):
+    """Value j of each word pair (``_word_pairs``: r0 holds values 0-3, r1 values 4-7), the
+    nibbles at bits sh and 16 + sh of a word (sh = 4 (j % 4)). ASM: as two 16-bit floats ``u - off`` in
     one int32: one lop3 puts each nibble u in the low mantissa bits of ``MAGIC`` (128 in bf16,
     1024 in fp16, whose unit in the last place is 1), which makes the float ``MAGIC + u``; one
     packed multiply-add with 1.0 and ``addend`` (the pair ``-(MAGIC + off)``) leaves ``u - off``,
     exactly (ptxas makes it an HADD2). Otherwise the two nibbles as int32 halves
     (``_pair_floats`` subtracts)."""
-    src = r >> sh if sh else r
+    src = r0 if j < 4 else r1
+    if j % 4:
+        src = src >> 4 * (j % 4)
     if ASM:
         if F16:
             return tl.inline_asm_elementwise(
@@ -605,7 +608,7 @@ def _pair_floats(t, off, dtype: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _position(r0, r1, j: tl.constexpr, addend, off, dtype: tl.constexpr, F16: tl.constexpr, ASM: tl.constexpr):
     """Value j of each of the tile's words, dequantized but for the scale: [R, words]."""
-    return _pair_floats(_pair_values(r0 if j < 4 else r1, 4 * (j % 4), addend, F16, ASM), off, dtype, ASM)
+    return _pair_floats(_pair_values(r0, r1, j, addend, F16, ASM), off, dtype, ASM)
 
 
 @triton.jit
@@ -614,10 +617,11 @@ def _pair_major(r0, r1, addend, off, dtype: tl.constexpr, F16: tl.constexpr, ASM
     but for the scale, pair-major: column ``16 c + 2 j + e`` is value j of word ``2 c + e``, so
     that each thread's values of a word pair lie side by side (wide stores on their way to the
     tensor cores)."""
-    t = tl.join(tl.join(tl.join(_pair_values(r0, 0, addend, F16, ASM), _pair_values(r0, 4, addend, F16, ASM)),
-                        tl.join(_pair_values(r0, 8, addend, F16, ASM), _pair_values(r0, 12, addend, F16, ASM))),
-                tl.join(tl.join(_pair_values(r1, 0, addend, F16, ASM), _pair_values(r1, 4, addend, F16, ASM)),
-                        tl.join(_pair_values(r1, 8, addend, F16, ASM), _pair_values(r1, 12, addend, F16, ASM))))
+    v0, v1 = _pair_values(r0, r1, 0, addend, F16, ASM), _pair_values(r0, r1, 1, addend, F16, ASM)
+    v2, v3 = _pair_values(r0, r1, 2, addend, F16, ASM), _pair_values(r0, r1, 3, addend, F16, ASM)
+    v4, v5 = _pair_values(r0, r1, 4, addend, F16, ASM), _pair_values(r0, r1, 5, addend, F16, ASM)
+    v6, v7 = _pair_values(r0, r1, 6, addend, F16, ASM), _pair_values(r0, r1, 7, addend, F16, ASM)
+    t = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
     t = tl.permute(t, (0, 1, 4, 3, 2))  # [R, C/2, 2, 2, 2]: j = 4 d2 + 2 d3 + d4
     return _pair_floats(tl.reshape(t, [t.shape[0], t.shape[1] * 8]), off, dtype, ASM)
 
@@ -956,7 +960,8 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``bias`` [N] (contiguous) is added
     in the kernel, in float32, before the output's rounding. ``config``: tiles and split-K
     (``BN``, ``BK``, ``SPLIT_K``, ``num_warps``, ``VEC_X``/``ONE_DOT``) over the picked ones,
-    ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``), the GEMV's ``REG_CAP``
+    ``KERNEL`` (``gemv``, up to 4 rows, the default there; ``mma``; ``swap``, INT4 only, its
+    ``STAGES`` 1-5, default 1), the GEMV's ``REG_CAP``
     (registers per thread, 0 for none; default ``gemv_register_cap``), ``PREFETCH`` (tiles
     loaded ahead into registers, 1-3; default 1) or ``STAGES`` (2-5: the pipelined loop); the
     MMA kernel's ``STAGES`` (its pipeline's, 2-5; default 2). bf16 inputs must be (or are copied

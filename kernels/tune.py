@@ -92,10 +92,10 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     """Configs to time for one shape and row count, the heuristic's first. ``quick``: about a
     dozen to three dozen around the heuristic (``benchmarks/gpu.sh``'s sweep); ``full``: tiles,
     warps, load variants, prefetch and pipeline depths and splits over a wider range; ``smoke``:
-    one tiny config per kernel. INT4 with groups of 16 values or more also tries the swap kernel
-    (``KERNEL: swap``), in every grid."""
+    one tiny config per kernel. INT4 whose groups hold a K tile of 16 values or more
+    (``swap_tile_k``) also tries the swap kernel (``KERNEL: swap``), in every grid."""
     from inferkit.kernels import tuned
-    from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config
+    from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config, swap_tile_k
 
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
@@ -103,6 +103,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     picked = pick_config(M, N, K, group, device, bits)
     picked["VEC_X" if tuned.kernel_for(M, picked) == "gemv" else "ONE_DOT"] = True  # the kernels' defaults, spelled out
     gemv_bk, mma_bk = gemv_tile_k(K, group, bits), 16 * vals
+    swap_bk = swap_tile_k(128, group, False) if bits == 4 else None  # None: the swap kernel cannot take it
     if grid == "smoke":
         kernels = ["gemv", "mma"] if M <= 4 else ["mma"]
         out = [dict(picked)]
@@ -112,9 +113,9 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             if kernel == "mma" and M <= 4:
                 cfg["KERNEL"] = "mma"
             out.append(cfg)
-        if bits == 4 and group >= 16:
-            bk = min(128, group)
-            out.append({"BN": 16, "BK": bk, "SPLIT_K": 2 if K >= 2 * bk else 1, "num_warps": 1, "KERNEL": "swap"})
+        if swap_bk:
+            out.append({"BN": 16, "BK": swap_bk, "SPLIT_K": 2 if K >= 2 * swap_bk else 1, "num_warps": 1,
+                        "KERNEL": "swap"})
         return _unique(out)
     shapes: list[tuple] = []  # (kernel, BN, warps, variant, splits[, GEMV loop keys])
     if grid == "quick":
@@ -147,7 +148,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
             shapes = [("mma", bn, w, v, (1, 2, 4, 8)) for bn, w in [(32, 4), (64, 4), (128, 4), (128, 8)]
                       for v in (True, False)]
             shapes += [("mma", bn, 4, True, (1, 2, 4, 8), {"STAGES": st}) for bn in (64, 128) for st in (3, 4)]
-    if bits == 4 and group >= 16:  # the swap kernel (INT4 on the tensor cores, weights first), never a default
+    if swap_bk:  # the swap kernel (INT4 on the tensor cores, weights first), never a default
         if grid == "quick":
             shapes += [("swap", 128, 4, True, (1, 4, 8)), ("swap", 256, 8, True, (4, 8))]
         else:
@@ -157,7 +158,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     if M == 1 and tuned.kernel_for(M, picked) == "gemv":  # the heuristic's tiles without the register cap
         out.append({**picked, "REG_CAP": 0})
     for kernel, bn, warps, variant, splits, *ahead in shapes:
-        bk = gemv_bk if kernel == "gemv" else min(128, group) if kernel == "swap" else mma_bk
+        bk = gemv_bk if kernel == "gemv" else swap_bk if kernel == "swap" else mma_bk
         for split in splits:
             if split > 1 and K < bk * split:  # every split gets at least one tile of inputs
                 continue
