@@ -4,9 +4,10 @@
 #   benchmarks/gpu.sh --prepare   # here, once: wheels for pytest, the demo's config/tokenizer and the
 #                                 # baseline revision's INT4 kernel (GPU_BASELINE_REV, default dc815a0) into .gpu/
 #   benchmarks/gpu.sh             # there: kernel and runtime tests, kernel benchmarks, end-to-end decode → $OUT
-# The swap kernel (KERNEL swap, not yet timed) for the INT4 2.5x target: GPU_PARTS=sweep GPU_SWEEP_S=200
-# GPU_SWEEP_ARGS="--grid swap" first (each config is checked against the reference before it is timed), then
-# GPU_PARTS=tests on the same warm machine (the unit tests, its PTX path included).
+# For the INT4 2.5x target, not yet timed: the swap kernel (KERNEL swap), the GEMV's deeper loads (STAGES,
+# PREFETCH) and programmatic dependent launches (PDL). GPU_PARTS=sweep GPU_SWEEP_S=200 GPU_SWEEP_ARGS="--grid next"
+# first (56 configs, each plain and PDL, each checked against the reference before it is timed), then
+# GPU_PARTS=tests on the same warm machine (the unit tests with the PTX paths, PDL chains in CUDA graphs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then

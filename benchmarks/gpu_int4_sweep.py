@@ -6,6 +6,10 @@ tiles pipelined (``STAGES``) or loading 1-3 tiles ahead (``PREFETCH``), the byte
 experiment (134 timings at 4096x14336: ``GPU_SWEEP_S=280``). ``--grid swap``: the swap kernel
 (``KERNEL: swap``, INT4 on the tensor cores with the weights as the first operand, 2.5-2.8
 instructions per weight on sm_90 against the GEMV's 4.55), after the heuristic's GEMV config.
+``--grid next`` (56 configs, ``GPU_SWEEP_S=200``): the most promising of the swap and prefetch
+grids, each config timed plain and as a programmatic dependent launch (``PDL``), whose first
+tiles' words load while the call before it finishes; the log's last line compares the fastest
+of each.
 
     python benchmarks/gpu_int4_sweep.py --out bench_out/int4_sweep.json [--budget-s 200] \
         [--grid prefetch --shapes 4096x14336,14336x4096]
@@ -81,14 +85,37 @@ def swap_grid(N: int, K: int, device: torch.device) -> list[dict]:
     return _grid(N, K, device, loops)
 
 
+def next_grid(N: int, K: int, device: torch.device) -> list[dict]:
+    """One budget's worth of the most promising configs, each followed by the same config as a
+    programmatic dependent launch (``PDL``: its first tiles' words load while the call before it
+    finishes): the heuristic's and the GPU's table entry, then the swap kernel's joined tiles
+    at 4 and 8 splits and the GEMV's pipelined (3-4 stages) and 2-3-ahead loops on the tiles that
+    kept the most bytes in flight on the H100 (BN 128 x 8 warps, 64 x 2), alternating, so that a
+    budget cut short still times each family."""
+    from inferkit.kernels import tune, tuned
+    from inferkit.kernels.quant_matmul import _device_name
+
+    first = [pick for pick in (prefetch_grid(N, K, device)[0], tuned.lookup(1, N, K, 128, 4, _device_name(device)))
+             if pick]
+    splits = (4, 8) if K >= 128 * 4 else (1, 2)  # (a small K: the CPU's check of this script)
+    swap = [c for c in swap_grid(N, K, device)[1:] if c.get("ONE_DOT") and "STAGES" not in c
+            and c["SPLIT_K"] in splits]
+    ahead = [c for c in prefetch_grid(N, K, device)[1:] if (c["BN"], c["num_warps"]) in ((128, 8), (64, 2))
+             and c["SPLIT_K"] in splits and "REG_CAP" not in c
+             and (c.get("STAGES") in (3, 4) or c.get("PREFETCH") in (2, 3))]
+    mixed = [c for pair in zip(swap, ahead) for c in pair] + swap[len(ahead):] + ahead[len(swap):]
+    return [c for cfg in tune._unique(first + mixed) for c in (cfg, {**cfg, "PDL": True})]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench_out/int4_sweep.json"))
     parser.add_argument("--shapes", default="4096x14336", help="KxN (inputs x outputs), comma-separated")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting configs after this long")
-    parser.add_argument("--grid", default="full", choices=("full", "quick", "prefetch", "swap"),
+    parser.add_argument("--grid", default="full", choices=("full", "quick", "prefetch", "swap", "next"),
                         help="tune-kernels' grid, or prefetch: 5 tiles x (3-4 stages, 1-3 ahead) x 4 splits, and "
-                             "more; swap: the swap kernel's tiles x splits x (joined or per value) x 1-4 stages")
+                             "more; swap: the swap kernel's tiles x splits x (joined or per value) x 1-4 stages; "
+                             "next: the most promising of those, each also as a programmatic dependent launch")
     args = parser.parse_args()
     from inferkit.kernels import tune
     from inferkit.kernels.quant_matmul import gemv_register_cap
@@ -115,10 +142,13 @@ def main() -> None:
             configs = prefetch_grid(N, K, dev)[:None if cuda else 3]
         elif args.grid == "swap":
             configs = swap_grid(N, K, dev)[:None if cuda else 4]
+        elif args.grid == "next":
+            configs = next_grid(N, K, dev)[:None if cuda else 6]
         else:
             configs = tune.candidates(1, N, K, 128, 4, dev, args.grid if cuda else "smoke")
         # each capped config once more uncapped (configs launching uncapped anyway are not repeated)
-        configs += [{**c, "REG_CAP": 0} for c in configs if "REG_CAP" not in c and c.get("KERNEL", "gemv") == "gemv"
+        configs += [{**c, "REG_CAP": 0} for c in configs if args.grid != "next" and "REG_CAP" not in c
+                    and c.get("KERNEL", "gemv") == "gemv"
                     and gemv_register_cap(1, 4, c["BN"], c["BK"], c["num_warps"], False, False, 128,
                                           c.get("PREFETCH", 1), c.get("STAGES", 0))]
         copies = tune.operand_copies(problem, dev)
@@ -135,6 +165,13 @@ def main() -> None:
         best = tune.best_entry(problem, 1, rows)
         entry = {"K": K, "N": N, "bf16_graphed_us": t_bf16, "rows": rows, "best": best,
                  "best_speedup": t_bf16 / best["us"] if best else None, "heuristic_us": rows[0]["us"] if rows else None}
+        for pdl in (False, True):  # PDL's overlap with the call before, apart from the tiles'
+            timed = [r["us"] for r in rows if r["us"] and r.get("PDL", False) is pdl]
+            entry["best_pdl_us" if pdl else "best_plain_us"] = min(timed) if timed else None
+        if entry["best_pdl_us"]:
+            print(f"{K}x{N} fastest plain launch {entry['best_plain_us']:.2f} us "
+                  f"({t_bf16 / entry['best_plain_us']:.2f}x bf16), as a programmatic dependent launch "
+                  f"{entry['best_pdl_us']:.2f} us ({t_bf16 / entry['best_pdl_us']:.2f}x)", flush=True)
         results["shapes"].append(entry)
         if best:
             print(f"{K}x{N} best {json.dumps(best)}: {entry['best_speedup']:.2f}x bf16 (>= 2.5x: "

@@ -39,11 +39,13 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from inferkit.kernels import tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PTX = not INTERPRET and torch.version.hip is None  # inline PTX (_field's lop3): NVIDIA GPUs, compiled
+_GDC = tl.constexpr(PTX)  # PDL's griddepcontrol instructions: compiled only (the interpreter runs PDL's loops alone)
 
 
 @triton.jit
@@ -84,6 +86,25 @@ def _k_range(K, pid_k, SPLIT_K: tl.constexpr, BK: tl.constexpr):
     per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
     k_lo = pid_k * per_split
     return k_lo, tl.minimum(k_lo + per_split, K)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Programmatic dependent launch (PDL; sm_90+): let the next kernel in the stream, when it is
+    launched for PDL too, start as soon as every program of this one has started. It then reads
+    its weights while this one finishes, and waits (``_pdl_wait``) before anything else."""
+    if PDL and _GDC:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """Under PDL, wait here until the kernel before this one has finished and its writes are
+    visible. Before it a program reads only the weights, scales and zero points (no inputs, no
+    workspace or counters) and writes nothing: what the kernel before it may still write is
+    read after it."""
+    if PDL and _GDC:
+        gdc_wait()
 
 
 @triton.jit
@@ -395,10 +416,11 @@ def _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z
                       stride_wn, stride_sn, stride_zn, cs_off, cs_ch, BITS: tl.constexpr, GROUP: tl.constexpr,
                       HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                       VEC_X: tl.constexpr, EVEN_K: tl.constexpr, LOP3: tl.constexpr, X_STEP: tl.constexpr,
-                      PREFETCH: tl.constexpr):
+                      PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """The GEMV's K loop with the words of the tile PREFETCH (1-3) ahead loaded into registers
     before this one is used, under a predicate and with no fill value (rows past N and the
-    prefetches past a split's last tile load nothing and are never stored)."""
+    prefetches past a split's last tile load nothing and are never stored). PDL: the first
+    PREFETCH tiles' words are loaded before the wait for the kernel before."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     offs_kw, kw_mask, words = _words_before(w_ptr, offs_n, n_mask, k_lo, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
@@ -408,6 +430,7 @@ def _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z
         kw1, m1, w1 = _words_before(w_ptr, offs_n, n_mask, k_lo + BK, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
     if PREFETCH >= 3:
         kw2, m2, w2 = _words_before(w_ptr, offs_n, n_mask, k_lo + 2 * BK, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
+    _pdl_wait(PDL)
     for k0 in range(k_lo, k_hi, BK):
         nxt_kw, nxt_mask, nxt = _words_before(w_ptr, offs_n, n_mask, k0 + PREFETCH * BK, k_hi, KW, stride_wn, VALS,
                                               BKW, EVEN_K)
@@ -432,7 +455,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, VEC_X: tl.constexpr,
                  EVEN_K: tl.constexpr, LOP3: tl.constexpr = False, X_STEP: tl.constexpr = False,
-                 PREFETCH: tl.constexpr = 1, STAGES: tl.constexpr = 0):
+                 PREFETCH: tl.constexpr = 1, STAGES: tl.constexpr = 0, PDL: tl.constexpr = False):
     """Works on the packed words in place (``_row_update``), for 1-4 activation rows (BM; rows past
     M repeat row M - 1 and are not stored), one K tile at a time (``_gemv_tile``). The loop either
     loads the words of the tile PREFETCH (1-3) ahead into registers (``_gemv_prefetching``), or,
@@ -444,10 +467,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     of BK): the inputs load without masks. X_STEP: the inputs are addressed from a pointer that
     steps with the tile and offsets that do not change, which ptxas turns into one address and
     immediate offsets for a thread's input loads (without it, each load's address is worked out
-    anew every tile); see ``gemv_input_step`` for where."""
+    anew every tile); see ``gemv_input_step`` for where. PDL (``_pdl_start``): the register loop
+    loads its first tiles' words before waiting for the kernel before; the pipelined loop waits
+    first."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
+    _pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -465,6 +491,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
         cs_ch = _per_row(_negated_offsets(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32) + OFF,
                                           BITS), BITS)
     if STAGES > 0:  # Triton's pipeliner: cp.async into shared memory, STAGES - 1 tiles ahead
+        _pdl_wait(PDL)
         for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
             offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW, EVEN_K)
             acc0, acc1, acc2, acc3 = _gemv_tile(acc0, acc1, acc2, acc3, words, offs_kw, kw_mask, k0, x_ptr, s_ptr,
@@ -475,7 +502,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
         acc0, acc1, acc2, acc3 = _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z_ptr,
                                                    offs_n, n_mask, M, KW, stride_xm, stride_wn, stride_sn, stride_zn,
                                                    cs_off, cs_ch, BITS, GROUP, HAS_ZP, PER_CHANNEL, BM, BK, VEC_X,
-                                                   EVEN_K, LOP3, X_STEP, PREFETCH)
+                                                   EVEN_K, LOP3, X_STEP, PREFETCH, PDL)
     acc = tl.where(offs_m[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
     if BM > 1:
         acc = tl.where(offs_m[:, None] == 1, tl.sum(acc1, 1)[None, :], acc)
@@ -504,24 +531,27 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
                 stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
-                ONE_DOT: tl.constexpr, LOP3: tl.constexpr = False):
+                ONE_DOT: tl.constexpr, LOP3: tl.constexpr = False, PDL: tl.constexpr = False):
     """Dequantize a [BN, BK] tile in registers and multiply on the tensor cores. ONE_DOT: the
     values are joined back into the inputs' order for a single dot per tile (2 barriers per tile
     in the compiled loop, inputs loaded asynchronously); otherwise one dot per value position
     over the inputs ``VALS*w + j`` (a sum over K in any order; 16 barriers per tile). The loop is
     Triton's pipelined one with the launch's ``num_stages`` (a config's ``STAGES``, default 2):
     at 2 stages the compiled loop waits for every copy before a tile's work (``DEPBAR.LE SB0,
-    0``), so no load overlaps it; at 3 and 4, 1 and 2 tiles stay in flight."""
+    0``), so no load overlaps it; at 3 and 4, 1 and 2 tiles stay in flight. PDL: the loop waits
+    for the kernel before (``_pdl_start``)."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
     MASK: tl.constexpr = (1 << BITS) - 1
     ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BK <= GROUP and GROUP % BK == 0
+    _pdl_start(PDL)
     pid_n, pid_m, pid_k, offs_n, offs_m, n_mask, m_mask, k_lo, k_hi = _tile(M, N, K, BM, BN, BK, SPLIT_K)
     acc = tl.zeros([BM, BN], tl.float32)
     if PER_CHANNEL:
         s = 1.0
         z = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None] if HAS_ZP else 0.0
+    _pdl_wait(PDL)
     for k0 in range(k_lo, k_hi, BK):
         offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW)
         if not PER_CHANNEL:
@@ -637,11 +667,53 @@ def _swap_dot(w, x, acc, ASM: tl.constexpr):
 
 
 @triton.jit
+def _swap_tile(acc, words, offs_kw, kw_mask, k0, off, x_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_m, m_mask, K, KW,
+               stride_xm, stride_sn, stride_zn, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+               PER_CHANNEL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ONE_DOT: tl.constexpr,
+               EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """One K tile of the swap kernel: its words [BN, BK / 8] made 16-bit floats against the inputs
+    k0..k0+BK, the float32 product scaled into ``acc`` [BN, BM]. ``off`` [BN, 1]: the code offset
+    (plus per-channel zero points)."""
+    BKW: tl.constexpr = BK // 8
+    BN: tl.constexpr = words.shape[0]
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+    BASE: tl.constexpr = 1024.0 if F16 else 128.0  # the float whose low mantissa bits take a nibble
+    dt: tl.constexpr = x_ptr.dtype.element_ty if ASM else tl.float32
+    if not PER_CHANNEL:  # the tile lies in one group: s [BN, 1], z [BN]
+        s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW, 8,
+                           GROUP, HAS_ZP, True)
+        if HAS_ZP:
+            off = 8.0 + z[:, None]
+    c = (-(BASE + off)).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    addend = c | (c << 16)
+    r0, r1 = _word_pairs(words, ASM)
+    if ONE_DOT:
+        w = _pair_major(r0, r1, addend, off, dt, F16, ASM)
+        xk = k0 + tl.arange(0, BK)
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (xk < K)[None, :]
+        xn = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :], mask=x_mask, other=0)
+        # row 16 c + 2 j + e: input 8 (2 c + e) + j
+        x = tl.reshape(tl.permute(tl.reshape(xn, [BM, BKW // 2, 2, 8]), (1, 3, 2, 0)), [BK, BM])
+        part = _swap_dot(w, x, tl.zeros([BN, BM], tl.float32), ASM)
+    else:
+        part = tl.zeros([BN, BM], tl.float32)
+        for j in tl.static_range(8):
+            xk = offs_kw * 8 + j
+            x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (xk < K)[:, None]
+            x = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=x_mask, other=0)
+            part = _swap_dot(_position(r0, r1, j, addend, off, dt, F16, ASM), x, part, ASM)
+    if PER_CHANNEL:
+        return acc + part
+    else:
+        return acc + part * s
+
+
+@triton.jit
 def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                 ONE_DOT: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr = False):
+                 ONE_DOT: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr = False, PDL: tl.constexpr = False):
     """INT4 on the tensor cores with the weights as the dot's first operand: ``out.T = W x.T``, a
     [BN, BK] weight tile against a [BK, BM] input tile (BM 16-64: one to 16 activation rows fill
     one 16-column tile, where the MMA kernel's rows are the padded side of a 16-row tile). The
@@ -654,46 +726,29 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     Either way the values reach the tensor cores through shared memory (Triton converts their
     layout there; joined, 16-byte stores). ASM (PTX): the word pairs by ``prmt``, the 16-bit
     floats as above and a dot in the inputs' dtype; otherwise (the interpreter) the same values
-    in float32 and a float32 dot."""
+    in float32 and a float32 dot (``_swap_tile``). PDL (``_pdl_start``): the first tile's words
+    are loaded before the wait for the kernel before."""
     BKW: tl.constexpr = BK // 8
-    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
-    BASE: tl.constexpr = 1024.0 if F16 else 128.0  # the float whose low mantissa bits take a nibble
-    dt: tl.constexpr = x_ptr.dtype.element_ty if ASM else tl.float32
+    _pdl_start(PDL)
     pid_n, pid_m, pid_k, offs_n, offs_m, n_mask, m_mask, k_lo, k_hi = _tile(M, N, K, BM, BN, BK, SPLIT_K)
-    kk = tl.arange(0, BK)
     acc = tl.zeros([BN, BM], tl.float32)
     off = tl.full([BN, 1], 8.0, tl.float32)  # the code offset, plus the zero point
     if PER_CHANNEL and HAS_ZP:
         off += tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None]
-    for k0 in range(k_lo, k_hi, BK):
+    k_first = k_lo
+    if PDL:  # the first tile's words before the wait for the kernel before (none past the split)
+        offs_kw, kw_mask, words = _words_before(w_ptr, offs_n, n_mask, k_lo, k_hi, KW, stride_wn, 8, BKW, EVEN_K)
+        _pdl_wait(PDL)
+        if k_lo < k_hi:
+            acc = _swap_tile(acc, words, offs_kw, kw_mask, k_lo, off, x_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_m,
+                             m_mask, K, KW, stride_xm, stride_sn, stride_zn, GROUP, HAS_ZP, PER_CHANNEL, BM, BK,
+                             ONE_DOT, EVEN_K, ASM)
+        k_first = k_lo + BK
+    for k0 in range(k_first, k_hi, BK):
         offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, 8, BKW, EVEN_K)
-        if not PER_CHANNEL:  # the tile lies in one group: s [BN, 1], z [BN]
-            s, z = _scale_zero(s_ptr, z_ptr, offs_n, n_mask, offs_kw, kw_mask, k0, stride_sn, stride_zn, KW, 8,
-                               GROUP, HAS_ZP, True)
-            if HAS_ZP:
-                off = 8.0 + z[:, None]
-        c = (-(BASE + off)).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        addend = c | (c << 16)
-        r0, r1 = _word_pairs(words, ASM)
-        if ONE_DOT:
-            w = _pair_major(r0, r1, addend, off, dt, F16, ASM)
-            xk = k0 + kk
-            x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (xk < K)[None, :]
-            xn = tl.load(x_ptr + offs_m[:, None] * stride_xm + xk[None, :], mask=x_mask, other=0)
-            # row 16 c + 2 j + e: input 8 (2 c + e) + j
-            x = tl.reshape(tl.permute(tl.reshape(xn, [BM, BKW // 2, 2, 8]), (1, 3, 2, 0)), [BK, BM])
-            part = _swap_dot(w, x, tl.zeros([BN, BM], tl.float32), ASM)
-        else:
-            part = tl.zeros([BN, BM], tl.float32)
-            for j in tl.static_range(8):
-                xk = offs_kw * 8 + j
-                x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (xk < K)[:, None]
-                x = tl.load(x_ptr + offs_m[None, :] * stride_xm + xk[:, None], mask=x_mask, other=0)
-                part = _swap_dot(_position(r0, r1, j, addend, off, dt, F16, ASM), x, part, ASM)
-        if PER_CHANNEL:
-            acc += part
-        else:
-            acc += part * s
+        acc = _swap_tile(acc, words, offs_kw, kw_mask, k0, off, x_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_m, m_mask,
+                         K, KW, stride_xm, stride_sn, stride_zn, GROUP, HAS_ZP, PER_CHANNEL, BM, BK, ONE_DOT, EVEN_K,
+                         ASM)
     _finish(tl.trans(acc), out_ptr, ws_ptr, cnt_ptr, s_ptr, b_ptr, offs_m, offs_n, m_mask, n_mask, M, N, stride_om,
             stride_sn, pid_m * tl.num_programs(0) + pid_n, pid_k, BM, BN, PER_CHANNEL, SPLIT_K, HAS_BIAS)
 
@@ -718,6 +773,12 @@ def _sm_count(device: torch.device) -> int:
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SM_COUNT[device]
+
+
+def _pdl_capable(device: torch.device) -> bool:
+    """Whether launches on ``device`` can be programmatic dependent ones (``PDL``): compiled for an
+    NVIDIA GPU of compute capability 9.0 or later."""
+    return PTX and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _device_name(device: torch.device) -> str | None:
@@ -928,6 +989,10 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm, BN=bn,
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
+    if cfg.get("PDL") and _pdl_capable(device):  # before sm_90 and on other GPUs a plain launch
+        consts.update(PDL=True, launch_pdl=True)
+    elif cfg.get("PDL") and INTERPRET:  # PDL's loops without the waits (nothing runs concurrently there)
+        consts["PDL"] = True
     if gemv:
         prefetch, stages = cfg.get("PREFETCH", 1), cfg.get("STAGES", 0)
         if prefetch not in tuned.PREFETCH_AHEAD:
@@ -964,9 +1029,13 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     ``STAGES`` 1-5, default 1), the GEMV's ``REG_CAP``
     (registers per thread, 0 for none; default ``gemv_register_cap``), ``PREFETCH`` (tiles
     loaded ahead into registers, 1-3; default 1) or ``STAGES`` (2-5: the pipelined loop); the
-    MMA kernel's ``STAGES`` (its pipeline's, 2-5; default 2). bf16 inputs must be (or are copied
-    to be) 4-byte aligned with an even row stride; zero points must be integers, as
-    compressed-tensors stores them."""
+    MMA kernel's ``STAGES`` (its pipeline's, 2-5; default 2). ``PDL`` (any kernel; default false):
+    launched as a programmatic dependent launch on sm_90+ GPUs (elsewhere ignored): it starts
+    while the kernel before it in the stream finishes, reads its first weights, and waits for
+    that kernel before reading ``x`` or writing (``_pdl_start``). So the weights, scales and zero
+    points must not be written by a kernel still running when it is launched (a model's weights
+    are not). bf16 inputs must be (or are copied to be) 4-byte aligned with an even row stride;
+    zero points must be integers, as compressed-tensors stores them."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:
         raise ValueError("quant_matmul: x must be [M, K] and the packed weights int32")
     M, K = x.shape
@@ -979,6 +1048,8 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
         if bias.shape != (N,):
             raise ValueError(f"quant_matmul: bias of shape {tuple(bias.shape)} for {N} outputs")
         bias = bias if bias.stride(0) == 1 else bias.contiguous()
+    if config is not None and not isinstance(config.get("PDL", False), bool):  # 1 and True are one plan's key
+        raise ValueError(f"PDL {config['PDL']!r}: true or false")
     kernel, grid, split, counters, consts = _plan(M, N, K, KW, scale.shape[1], bits, group_size, x.dtype, x.device,
                                                   zero_point is not None, bias is not None,
                                                   None if config is None else tuple(sorted(config.items())))

@@ -107,6 +107,19 @@ def inspect(kernel) -> Compiled:
                     [_opcodes(lines[a:b + 1]) for a, b in spans], wide, len(instructions), waits)
 
 
+def before_wait(kernel) -> tuple[list[str], bool]:
+    """The opcodes a PDL kernel (``PDL``) runs before ``griddepcontrol.wait`` (SASS ``ACQBULK``),
+    in code order, and whether the kernel waits at all: what may overlap the kernel before it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    ops = [m.group(1) for line in text.splitlines()
+           if (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line))]
+    return (ops[:ops.index("ACQBULK")], True) if "ACQBULK" in ops else (ops, False)
+
+
 GEMV_SIG = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KW": "i32", "G": "i32",
             "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_zn": "i32", "stride_om": "i32"}
@@ -116,15 +129,16 @@ GEMV_DIVISIBLE = ("N", "K", "KW", "stride_xm", "stride_wn", "stride_sn", "stride
 def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, BK: int = 128, split: int = 1,
                         num_warps: int = 4, zero_points: bool = False, mma_ieee: bool = False, one_dot: bool = True,
                         vec_x: bool = True, even_k: bool = True, prefetch: int = 1, stages: int = 0,
-                        swap: bool = False):
+                        swap: bool = False, pdl: bool = False):
     """The dequantizing matmul as ``quant_matmul`` launches it for M rows (bf16 activations);
     ``stages``: the GEMV's STAGES, or the MMA or swap kernel's (0: its default, 2 or 1); ``swap``:
-    the swap kernel (``KERNEL: swap``), with ``one_dot`` its ONE_DOT."""
+    the swap kernel (``KERNEL: swap``), with ``one_dot`` its ONE_DOT; ``pdl``: launched as a
+    programmatic dependent launch (``PDL``)."""
     from inferkit.kernels.quant_matmul import (_gemv_kernel, _mma_kernel, _swap_kernel, field_lop3, gemv_options,
                                                mma_one_dot, swap_tile_k)
 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, HAS_BIAS=False, BN=BN, BK=BK,
-                  SPLIT_K=split)
+                  SPLIT_K=split, PDL=pdl)
     if swap:
         consts["BK"] = swap_tile_k(BK, group, False)
         return compile_for(_swap_kernel, GEMV_SIG, {**consts, "BM": 16 if M <= 16 else 32 if M <= 32 else 64,

@@ -22,7 +22,9 @@ registers per thread (0: none; without it, ``quant_matmul.gemv_register_cap`` de
 (optional, 1-3, default 1) how many tiles ahead the GEMV loads its words into registers;
 ``STAGES`` (optional, 0 or 2-5, default 0) the GEMV's pipelined loop instead (cp.async through
 shared memory), or the MMA kernel's pipeline stages (2-5, default 2), or the swap kernel's
-(1-5, default 1: no pipelining). Row buckets: 1, 2, 3, 4 exactly;
+(1-5, default 1: no pipelining); ``PDL`` (optional, default false) a programmatic dependent
+launch on sm_90+ (the kernel starts while the one before it finishes, reads its first weights,
+then waits for it). Row buckets: 1, 2, 3, 4 exactly;
 then 5-16, 17-32 and 33-64 (the MMA kernel), an entry measured at any row count in a bucket
 serving the whole bucket. Above 64 rows the heuristic always decides (compute-bound tiles, and a
 bounded number of compiled variants for mixed prefill steps).
@@ -40,7 +42,7 @@ ENV = "INFERKIT_KERNEL_CONFIGS"
 PACKAGED = Path(__file__).with_name("configs")
 _INTS = ("bits", "group", "K", "N", "M", "BN", "BK", "SPLIT_K", "num_warps")
 TILE = ("BN", "BK", "SPLIT_K", "num_warps")  # a config's keys an entry always has
-OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "PREFETCH", "STAGES")  # and those it may have
+OPTIONAL = ("VEC_X", "ONE_DOT", "KERNEL", "REG_CAP", "PREFETCH", "STAGES", "PDL")  # and those it may have
 PREFETCH_AHEAD = (1, 2, 3)  # the GEMV's PREFETCH: tiles loaded ahead into registers
 PIPELINE_STAGES = (2, 3, 4, 5)  # a pipelined loop's STAGES (the GEMV's also 0: PREFETCH's loop)
 SWAP_STAGES = (1, *PIPELINE_STAGES)  # the swap kernel's (1: its loads are not pipelined)
@@ -93,7 +95,7 @@ def _check(entry: dict, where: str) -> dict:
         raise bad("'num_warps' must be 1-16 (a power of two) and 'SPLIT_K' at most 64")
     if bucket(entry["M"]) is None:
         raise bad("'M' above 64: large row counts are left to the heuristic")
-    for key in ("VEC_X", "ONE_DOT"):
+    for key in ("VEC_X", "ONE_DOT", "PDL"):
         if key in entry and not isinstance(entry[key], bool):
             raise bad(f"'{key}' must be true or false")
     if "REG_CAP" in entry and (isinstance(entry["REG_CAP"], bool) or entry["REG_CAP"] not in (0, *range(24, 256, 8))):

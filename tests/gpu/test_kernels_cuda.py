@@ -101,3 +101,54 @@ def test_a_table_for_this_gpu_sets_the_tiles(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         qm.reset_configs()
+
+
+@pytest.mark.parametrize("M,cfg", [
+    (1, dict(BN=64, BK=128, SPLIT_K=4, num_warps=2)),
+    (1, dict(BN=128, BK=128, SPLIT_K=8, num_warps=8, PREFETCH=3)),
+    (2, dict(BN=128, BK=128, SPLIT_K=4, num_warps=8, STAGES=4)),
+    (1, dict(BN=128, BK=128, SPLIT_K=4, num_warps=4, KERNEL="swap")),
+    (3, dict(BN=64, BK=128, SPLIT_K=8, num_warps=4, KERNEL="swap", ONE_DOT=False)),
+    (8, dict(BN=64, BK=128, SPLIT_K=4, num_warps=4, KERNEL="mma", STAGES=3)),
+], ids=["gemv", "gemv-3ahead", "gemv-stages", "swap", "swap-per-value", "mma"])
+def test_pdl_chains_give_the_plain_launches_bits_eagerly_and_in_graphs(M, cfg):
+    """Each matmul's output is the next one's input (with an element-wise kernel between some of
+    them, launched plainly), every matmul a programmatic dependent launch: one that read its
+    inputs before the one before it had written them, or wrote its partials while that one
+    still read its own, would give other numbers. Eager and captured in a CUDA graph, replayed
+    with new inputs, the chain gives the plain launches' bits (split-K sums in a fixed order)."""
+    from inferkit.kernels.quant_matmul import quant_matmul
+    from inferkit.quant.pack import pack_int32
+
+    K = 2048
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(3):  # q * s has about unit gain over K inputs: the chain neither blows up nor dies out
+        q = torch.randint(-8, 8, (K, K), generator=g)
+        s = (torch.rand(K, K // 128, generator=g) * 0.004 + 0.003).to(torch.bfloat16)
+        layers.append((pack_int32(q, 4, dim=1).cuda(), s.cuda()))
+
+    def chain(x, pdl):
+        for i in range(12):
+            w, s = layers[i % 3]
+            x = quant_matmul(x, w, s, None, 4, 128, config={**cfg, "PDL": pdl})
+            if i % 4 == 3:
+                x = x * 0.5 + 0.25
+        return x
+
+    inputs = [torch.randn(M, K, generator=g).to(torch.bfloat16).cuda() for _ in range(3)]
+    plain = [chain(x, False) for x in inputs]
+    assert all(bool(p.float().abs().mean() > 0.05) and bool(p.isfinite().all()) for p in plain)
+    for x, want in zip(inputs, plain):
+        assert torch.equal(chain(x, True), want)
+    static = inputs[0].clone()
+    chain(static, True)  # compiled and planned outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static, True)
+    for x, want in zip(reversed(inputs), reversed(plain)):
+        static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)

@@ -50,6 +50,8 @@ def test_written_table_reads_back_and_serves_its_bucket(tmp_path, monkeypatch):
         assert tuned.lookup(m, 14336, 4096, 128, 4, H100) == mma
     piped = tuned.write_table(tmp_path / "piped.json", H100, [entry(STAGES=4)])  # the pipelined GEMV loop
     assert tuned.read_table(piped)[1][0]["STAGES"] == 4
+    pdl = tuned.write_table(tmp_path / "pdl.json", H100, [entry(PDL=True)])  # a programmatic dependent launch
+    assert tuned.read_table(pdl)[1][0]["PDL"] is True
     # anything else is the heuristic's: other rows, shape, group, bits, GPU model, no GPU
     assert tuned.lookup(2, 14336, 4096, 128, 4, H100) is None
     assert tuned.lookup(17, 14336, 4096, 128, 4, H100) is None
@@ -107,6 +109,7 @@ def test_swap_kernel_entries_are_served_at_any_row_count(tmp_path, monkeypatch):
     (entry(SPLIT_K=0), "'SPLIT_K' must be a positive integer"),
     (entry(num_warps=3), "'num_warps' must be 1-16"),
     (entry(VEC_X="yes"), "'VEC_X' must be true or false"),
+    (entry(PDL=1), "'PDL' must be true or false"),
     (entry(REG_CAP=70), "'REG_CAP' must be 0"),
     (entry(REG_CAP=True), "'REG_CAP' must be 0"),
     (entry(PREFETCH=4), "'PREFETCH' must be 1, 2 or 3"),
@@ -162,7 +165,7 @@ def test_packaged_tables_are_valid_and_named_after_their_gpu():
         assert path.stem == tuned.slug(device) and entries
 
 
-@pytest.mark.parametrize("grid", ["swap", "prefetch"])
+@pytest.mark.parametrize("grid", ["swap", "prefetch", "next"])
 def test_int4_sweep_script_checks_each_config_and_names_the_fastest(tmp_path, grid):
     """benchmarks/gpu_int4_sweep.py (``GPU_PARTS=sweep``) runs only when a GPU is lent: on the CPU
     (the interpreter, a 256x64 problem, the grid's first configs) it checks that the script still
@@ -189,6 +192,12 @@ def test_int4_sweep_script_checks_each_config_and_names_the_fastest(tmp_path, gr
     assert kernels[0] == "gemv" and "KERNEL" not in rows[0] and entry["heuristic_us"] == rows[0]["us"]
     if grid == "swap":
         assert kernels[1:4] == ["swap"] * 3 and all(r["ONE_DOT"] for r in rows[1:4])  # the joined tiles first
+    elif grid == "next":  # each config, then the same as a programmatic dependent launch; swap and GEMV loops alternate
+        assert len(rows) == 6 and [r.get("PDL", False) for r in rows] == [False, True] * 3
+        plain = lambda r: {k: v for k, v in r.items() if k not in ("PDL", "us", "rel_err", "error")}  # noqa: E731
+        assert all(plain(rows[i]) == plain(rows[i + 1]) for i in (0, 2, 4))
+        assert kernels[2:6] == ["swap", "swap", "gemv", "gemv"] and ("STAGES" in rows[4] or "PREFETCH" in rows[4])
+        assert entry["best_pdl_us"] == min(r["us"] for r in rows[1::2]) and "as a programmatic dependent" in run.stdout
     else:
         assert set(kernels) == {"gemv"} and any("STAGES" in r or "PREFETCH" in r for r in rows)
     fastest = min(rows, key=lambda r: r["us"])

@@ -340,7 +340,7 @@ def test_swap_kernel_ptx_makes_every_nibble_pair_its_exact_value():
     found = re.findall(r"lop3\.b32 t, \$1, (\d+), (\d+), (0x[0-9A-Fa-f]+); mov\.b32 one, (\d+);\"\s*"
                        r"\"\s*fma\.rn\.(f16x2|bf16x2) \$0, t, one, \$2;", src)
     assert sorted(f[-1] for f in found) == ["bf16x2", "f16x2"], src
-    base = re.search(r"BASE: tl\.constexpr = ([\d.]+) if F16 else ([\d.]+)", inspect.getsource(qm._swap_kernel.fn))
+    base = re.search(r"BASE: tl\.constexpr = ([\d.]+) if F16 else ([\d.]+)", inspect.getsource(qm._swap_tile.fn))
     assert base is not None
     halves = lambda word, dtype: (torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32)  # noqa: E731
                                   .to(torch.int16).view(dtype))
@@ -617,6 +617,36 @@ def test_gemv_loading_tiles_further_ahead_gives_the_same_bits(M, group, asym, K,
                        quant_matmul(x8, w, s, z, 4, group, config=mma))
     with pytest.raises(ValueError, match="the MMA kernel's pipelined loop takes 2-5 stages"):
         quant_matmul(x8, w, s, z, 4, group, config={**mma, "STAGES": 0})
+
+
+@pytest.mark.parametrize("M,cfg", [
+    (1, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2)),  # K 576 in splits of 3, 3, 3 and 0 tiles
+    (2, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2, PREFETCH=3)),
+    (1, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2, STAGES=3)),
+    (1, dict(BN=32, BK=64, SPLIT_K=4, num_warps=4, KERNEL="swap")),
+    (3, dict(BN=32, BK=64, SPLIT_K=1, num_warps=4, KERNEL="swap", ONE_DOT=False)),  # 9 tiles, one split
+    (3, dict(BN=32, BK=128, SPLIT_K=2, num_warps=4, KERNEL="mma")),
+], ids=["gemv", "gemv-3ahead", "gemv-stages", "swap", "swap-per-value", "mma"])
+def test_pdl_moves_the_wait_not_the_numbers(M, cfg):
+    """PDL (a programmatic dependent launch) loads the first tiles' words before waiting for the
+    kernel before, which takes the swap kernel's first tile out of its loop: the same bits as a
+    plain launch, a split with no tiles included. The interpreter runs PDL's loops without the
+    waits; where the compiled waits sit is checked in test_kernels_sm90, and chains of PDL
+    launches in CUDA graphs on a GPU (tests/gpu)."""
+    from inferkit.kernels import quant_matmul as qm
+
+    x, w, s, z = quant_case(M, 40, 576, 4, 64, True, torch.bfloat16, seed=11)
+    plain = quant_matmul(x, w, s, z, 4, 64, config=cfg)
+    assert rel_err(plain, reference_quant_matmul(x, w, s, z, 4, 64)) < TOL[torch.bfloat16]
+    assert torch.equal(quant_matmul(x, w, s, z, 4, 64, config={**cfg, "PDL": True}), plain)
+    consts = qm._plan(M, 40, 576, 72, 9, 4, 64, x.dtype, x.device, True, False,
+                      tuple(sorted({**cfg, "PDL": True}.items())))[-1]
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert consts["PDL"] is (hopper or qm.INTERPRET) and consts.get("launch_pdl", False) is hopper
+    assert "PDL" not in qm._plan(M, 40, 576, 72, 9, 4, 64, x.dtype, x.device, True, False,
+                                 tuple(sorted(cfg.items())))[-1]
+    with pytest.raises(ValueError, match="PDL 1: true or false"):
+        quant_matmul(x, w, s, z, 4, 64, config={**cfg, "PDL": 1})
 
 
 def test_one_lop3_per_value_where_ptx_runs():

@@ -156,3 +156,39 @@ def test_64_row_mma_tiles_compile_as_launched():
                           text=True, env=compile_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("compiled") == len(MMA_64_ROW_TILES)
+
+
+PDL_CASES = [  # (rows, quant_matmul_kernel options, 16-byte word loads per thread before the wait)
+    (1, dict(BN=64, num_warps=2, split=4), 4),  # the H100 table's decode tile: one tile of words
+    (1, dict(BN=64, num_warps=2, split=4, prefetch=3), 12),  # the 3 tiles PREFETCH loads ahead
+    (1, dict(BN=128, num_warps=8, split=4, stages=4), 0),  # the pipelined loop waits first
+    (1, dict(BN=128, num_warps=4, split=4, swap=True), 4),  # the swap kernel's first tile
+    (1, dict(BN=64, num_warps=4, split=4, swap=True, one_dot=False), 2),
+    (16, dict(BN=64, num_warps=4, split=4), 0),  # the MMA kernel waits before its pipelined loop
+]
+
+
+def test_pdl_kernels_read_only_weights_before_the_wait():
+    """Under PDL a kernel may start while the one before it still runs: before the wait
+    (``griddepcontrol.wait``, SASS ACQBULK) it may read its weights and nothing else, write
+    nothing, and it lets the next one start (``launch_dependents``, PREEXIT) first. Compiled for
+    sm_90, each kernel loads exactly its first tiles' words there (16-byte loads) besides kernel
+    parameters (LDC); its hot loop is the plain launch's."""
+    script = ("import json, sys\nfrom inferkit.kernels import sass\n"
+              "for rows, kw, _ in json.loads(sys.argv[1]):\n"
+              "    ops, waits = sass.before_wait(sass.quant_matmul_kernel(rows, pdl=True, **kw))\n"
+              "    plain, pdl = (sass.inspect(sass.quant_matmul_kernel(rows, pdl=p, **kw)) for p in (False, True))\n"
+              "    print(json.dumps([ops, waits, sum(plain.loop.values()), sum(pdl.loop.values()),"
+              " sass.before_wait(sass.quant_matmul_kernel(rows, **kw))[1]]), flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(PDL_CASES)], capture_output=True, text=True,
+                          env=compile_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == len(PDL_CASES)
+    for (rows, kw, words), (ops, waits, plain_loop, pdl_loop, plain_waits) in zip(PDL_CASES, results):
+        assert waits and not plain_waits, kw  # the wait is there under PDL only
+        assert "PREEXIT" in ops, kw
+        memory = [op for op in ops if op.startswith(("LD", "ST", "RED", "ATOM", "SU", "TLD"))]
+        assert [op for op in memory if op != "LDC"] == ["LDG.E.128"] * words, (kw, memory)
+        # the swap kernel's first tile, out of its loop, moves ptxas's choices a little: 342 vs 343, 264 vs 271
+        assert pdl_loop == plain_loop if not kw.get("swap") else abs(pdl_loop - plain_loop) <= 0.03 * plain_loop, kw
