@@ -59,13 +59,14 @@ def test_decode_gemv_compiles_lean(report):
     # 2 tiles ahead, uncapped: twice the words in flight per thread, 3 programs of 8 warps per SM
     assert len(ahead) == 1 and ahead[0]["registers"] <= 80 and ahead[0]["config"]["num_warps"] == 8, ahead
     # the pipelined loop: words, inputs and scales copied asynchronously into shared memory
-    # (LDGSTS), read back (LDS), the stage's wait and 2 barriers per tile; in 64 (Triton 3.6) to
-    # 72 (3.9) registers at 4 stages, so 3-4 programs of 8 warps per SM
+    # (LDGSTS), read back (LDS), the stage's wait and 2 barriers per tile (5 with Triton 3.6, the
+    # GPU image's, in the demo's g64 tile with zero points); in 64 (Triton 3.6) to 72 (3.9)
+    # registers at 4 stages, so 3-4 programs of 8 warps per SM
     piped = [r for r in gemvs if r.get("stages")]
     assert len(piped) == 2, piped
     for r in piped:
         loop = r["loop"]
-        assert loop.get("LDGSTS", 0) >= 3 and loop.get("LDS", 0) >= 3 and loop.get("BAR", 0) <= 2, r
+        assert loop.get("LDGSTS", 0) >= 3 and loop.get("LDS", 0) >= 3 and loop.get("BAR", 0) <= (5 if r["zp"] else 2), r
         assert r["loop_waits"] and min(r["loop_waits"]) > 0, r  # copies stay in flight during a tile's work
         assert r["registers"] <= (80 if r["zp"] else 72), r
 
