@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferkit.kernels import pdl
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -63,7 +65,9 @@ def _consts(kind: str, dtype: torch.dtype, *sizes: int) -> dict:
 
 @triton.jit
 def _rms_norm_kernel(h_ptr, u_ptr, w_ptr, out_ptr, H, stride_h, stride_u, stride_o, eps,
-                     HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr, BY_HAND: tl.constexpr):
+                     HAS_UPDATE: tl.constexpr, BLOCK: tl.constexpr, BY_HAND: tl.constexpr,
+                     SIGNAL: tl.constexpr = False):
+    pdl.signal(SIGNAL)  # a matmul launched for PDL next may start (it reads only weights until this one ends)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -93,7 +97,8 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, update: torch.Te
         return out
     u = update if update is not None else h
     _rms_norm_kernel[(tokens,)](h, u, weight, out, hidden, h.stride(0), u.stride(0), out.stride(0), eps,
-                                HAS_UPDATE=update is not None, **_consts("norm", h.dtype, hidden))
+                                HAS_UPDATE=update is not None, SIGNAL=pdl.capable(h.device),
+                                **_consts("norm", h.dtype, hidden))
     return out
 
 
@@ -164,7 +169,9 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, p
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, BY_HAND: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, BY_HAND: tl.constexpr,
+                     SIGNAL: tl.constexpr = False):
+    pdl.signal(SIGNAL)  # as in _rms_norm_kernel: the down projection may start
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -186,5 +193,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     consts = _consts("silu", gate_up.dtype, inter)
     _silu_mul_kernel[(tokens, -(-inter // consts["BLOCK"]))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                            **consts)
+                                                            SIGNAL=pdl.capable(gate_up.device), **consts)
     return out

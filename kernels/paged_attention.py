@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from inferkit.kernels import pdl
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -74,7 +76,9 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ms,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MULTI: tl.constexpr, IEEE: tl.constexpr,
+    SIGNAL: tl.constexpr = False,
 ):
+    pdl.signal(SIGNAL)  # a matmul launched for PDL next may start (it reads only weights until this one ends)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -111,7 +115,8 @@ def _decode_split_kernel(
 @triton.jit(do_not_specialize=["stride_mb", "stride_mh"])  # as in the split kernel
 def _merge_kernel(part_ptr, ml_ptr, out_ptr, num_splits, stride_pb, stride_ph, stride_ps, stride_mb, stride_mh,
                   stride_ms, stride_ob, stride_oh,
-                  S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+                  S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SIGNAL: tl.constexpr = False):
+    pdl.signal(SIGNAL)  # the output projection after it may start
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, S_PAD)
@@ -184,15 +189,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         s_p = s_m = (0, 0, 0)
     q_s, k_s, o_s = q.stride(), k_cache.stride(), out.stride()
     o_b, o_h = o_s[0], o_s[1]
+    signal = pdl.capable(q.device)  # the last kernel lets a PDL matmul after it start (inferkit.kernels.pdl)
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, ml,
         scale, per_split, q_s[0], q_s[1], k_s[0], k_s[1], k_s[2], block_tables.stride(0),
-        o_b, o_h, *s_p, *s_m, MULTI=splits > 1, **consts,
+        o_b, o_h, *s_p, *s_m, MULTI=splits > 1, SIGNAL=signal and splits == 1, **consts,
     )
     if splits > 1:
         _merge_kernel[(batch, num_heads)](
             part, ml, out, splits, *s_p, *s_m, o_b, o_h,
-            S_PAD=max(2, 1 << (splits - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=consts["D_PAD"], num_warps=4,
+            S_PAD=max(2, 1 << (splits - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=consts["D_PAD"], SIGNAL=signal,
+            num_warps=4,
         )
     return out
 
@@ -203,11 +210,13 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kblock, stride_kslot, stride_khead, stride_tb, stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    SIGNAL: tl.constexpr = False,
 ):
     """Causal attention of a chunk of new tokens over its sequence's cached prefix and itself,
     through the block table (flash-attention with paged K/V). Program (chunk, query tile, KV
     head): BLOCK_M tokens x the GROUP query heads of that KV head are the tile's rows, so each K/V
     tile is read once for all of them; K/V tiles run up to the tile's last position only."""
+    pdl.signal(SIGNAL)  # the output projection after it may start
     c = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     kvh = tl.program_id(2)
@@ -283,7 +292,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q.stride(0), q.stride(1), k_s[0], k_s[1], k_s[2], tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=1 << (group - 1).bit_length(), HEAD_DIM=head_dim,
         D_PAD=max(16, 1 << (head_dim - 1).bit_length()), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16), num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16), SIGNAL=pdl.capable(q.device),
+        num_warps=4, num_stages=2,
     )
     return out
 

@@ -39,13 +39,11 @@ import warnings
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from inferkit.kernels import tuned
+from inferkit.kernels import pdl, tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PTX = not INTERPRET and torch.version.hip is None  # inline PTX (_field's lop3): NVIDIA GPUs, compiled
-_GDC = tl.constexpr(PTX)  # PDL's griddepcontrol instructions: compiled only (the interpreter runs PDL's loops alone)
 
 
 @triton.jit
@@ -90,21 +88,17 @@ def _k_range(K, pid_k, SPLIT_K: tl.constexpr, BK: tl.constexpr):
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
-    """Programmatic dependent launch (PDL; sm_90+): let the next kernel in the stream, when it is
-    launched for PDL too, start as soon as every program of this one has started. It then reads
-    its weights while this one finishes, and waits (``_pdl_wait``) before anything else."""
-    if PDL and _GDC:
-        gdc_launch_dependents()
+    """Programmatic dependent launch (PDL, ``inferkit.kernels.pdl``): signal at once, so that the
+    next kernel, launched so too, starts as soon as every program of this one has started and
+    reads its weights while this one finishes."""
+    pdl.signal(PDL)
 
 
 @triton.jit
 def _pdl_wait(PDL: tl.constexpr):
-    """Under PDL, wait here until the kernel before this one has finished and its writes are
-    visible. Before it a program reads only the weights, scales and zero points (no inputs, no
-    workspace or counters) and writes nothing: what the kernel before it may still write is
-    read after it."""
-    if PDL and _GDC:
-        gdc_wait()
+    """Under PDL, wait here for the kernel before. Before it a program reads only the weights,
+    scales and zero points (no inputs, no workspace or counters) and writes nothing."""
+    pdl.wait(PDL)
 
 
 @triton.jit
@@ -775,12 +769,6 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-def _pdl_capable(device: torch.device) -> bool:
-    """Whether launches on ``device`` can be programmatic dependent ones (``PDL``): compiled for an
-    NVIDIA GPU of compute capability 9.0 or later."""
-    return PTX and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _device_name(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
@@ -989,7 +977,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm, BN=bn,
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
-    if cfg.get("PDL") and _pdl_capable(device):  # before sm_90 and on other GPUs a plain launch
+    if cfg.get("PDL") and pdl.capable(device):  # before sm_90 and on other GPUs a plain launch
         consts.update(PDL=True, launch_pdl=True)
     elif cfg.get("PDL") and INTERPRET:  # PDL's loops without the waits (nothing runs concurrently there)
         consts["PDL"] = True

@@ -164,8 +164,9 @@ ATTN_SIG = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "tables_ptr": 
 
 
 def paged_attention_kernels(dtype: str = "bf16", group: int = 4, head_dim: int = 128, block_size: int = 16,
-                            block_n: int | None = None):
-    """The decode split kernel and the merge kernel as ``paged_decode_attention`` launches them."""
+                            block_n: int | None = None, signal: bool = True):
+    """The decode split kernel and the merge kernel as ``paged_decode_attention`` launches them
+    (on sm_90 both signal a PDL matmul after them: ``signal``)."""
     from inferkit.kernels.paged_attention import _decode_split_kernel, _merge_kernel
 
     block_n = block_n or (32 if dtype == "fp32" and head_dim > 64 else 64)  # as the launcher picks
@@ -174,11 +175,11 @@ def paged_attention_kernels(dtype: str = "bf16", group: int = 4, head_dim: int =
     split = compile_for(_decode_split_kernel, sig, dict(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n, MULTI=True,
-        IEEE=dtype == "fp32"), num_stages=2, divisible=strides)
+        IEEE=dtype == "fp32", SIGNAL=signal), num_stages=2, divisible=strides)
     msig = {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": f"*{dtype}", "num_splits": "i32",
             **{f"stride_{n}": "i32" for n in ("pb", "ph", "ps", "mb", "mh", "ms", "ob", "oh")}}
     merge = compile_for(_merge_kernel, msig, dict(S_PAD=16, HEAD_DIM=head_dim,
-                                                  D_PAD=max(16, triton.next_power_of_2(head_dim))))
+                                                  D_PAD=max(16, triton.next_power_of_2(head_dim)), SIGNAL=signal))
     return split, merge
 
 
@@ -187,7 +188,8 @@ PREFILL_SIG = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": 
                **{f"stride_{n}": "i32" for n in ("qt", "qh", "kblock", "kslot", "khead", "tb", "ot", "oh")}}
 
 
-def paged_prefill_kernel(dtype: str = "bf16", group: int = 4, head_dim: int = 128, block_size: int = 16):
+def paged_prefill_kernel(dtype: str = "bf16", group: int = 4, head_dim: int = 128, block_size: int = 16,
+                         signal: bool = True):
     """The prefill kernel as ``paged_prefill_attention`` launches it on a GPU."""
     import torch
 
@@ -199,13 +201,14 @@ def paged_prefill_kernel(dtype: str = "bf16", group: int = 4, head_dim: int = 12
     sig = {k: (f"*{dtype}" if v == "*bf16" else v) for k, v in PREFILL_SIG.items()}
     return compile_for(_prefill_kernel, sig, dict(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=dtype == "fp32"),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=dtype == "fp32", SIGNAL=signal),
         num_stages=2, divisible=tuple(k for k in sig if k.startswith("stride_")))
 
 
 def fused_kernels(dtype: str = "bf16", hidden: int = 4096, heads: tuple[int, int] = (32, 8), head_dim: int = 128,
-                  inter: int = 14336) -> list[tuple[str, object]]:
-    """The layer's element-wise kernels as ``inferkit.kernels.fused`` launches them."""
+                  inter: int = 14336, signal: bool = True) -> list[tuple[str, object]]:
+    """The layer's element-wise kernels as ``inferkit.kernels.fused`` launches them (on sm_90 the
+    RMSNorm and SiLU kernels signal the PDL matmul after them: ``signal``)."""
     import torch
 
     from inferkit.kernels.fused import _consts, _rms_norm_kernel, _rope_store_kernel, _silu_mul_kernel
@@ -218,13 +221,13 @@ def fused_kernels(dtype: str = "bf16", hidden: int = 4096, heads: tuple[int, int
     sigs = [
         ("rms_norm", _rms_norm_kernel, norm_c, {"h_ptr": p, "u_ptr": p, "w_ptr": p, "out_ptr": p, "H": "i32",
                                                  "stride_h": "i32", "stride_u": "i32", "stride_o": "i32", "eps": "fp32"},
-         {"HAS_UPDATE": True}),
+         {"HAS_UPDATE": True, "SIGNAL": signal}),
         ("rope_store", _rope_store_kernel, rope_c, {"qkv_ptr": p, "cos_ptr": p, "sin_ptr": p, "pos_ptr": "*i64",
                                                      "slots_ptr": "*i64", "q_ptr": p, "kc_ptr": p, "vc_ptr": p,
                                                      **{f"stride_{n}": "i32" for n in ("t", "cos", "sin", "qt", "cslot")}},
          {}),
         ("silu_mul", _silu_mul_kernel, silu_c, {"x_ptr": p, "out_ptr": p, "I": "i32", "stride_x": "i32", "stride_o": "i32"},
-         {}),
+         {"SIGNAL": signal}),
     ]
     out = []
     for name, fn, consts, sig, extra in sigs:

@@ -115,6 +115,8 @@ def test_paged_attention_compiles_without_spills(report):
         + [("attention-prefill", d) for d in ("bf16", "fp16", "fp32") for _ in range(2)])
     for r in attention:
         assert r["spill_bytes"] == 0, r
+        # each lets a PDL matmul after it start (launch_dependents, once), and waits for nothing
+        assert r["all"].get("PREEXIT", 0) == 1 and r["all"].get("ACQBULK", 0) == 0, r
     assert all(r["all"].get("HMMA", 0) > 0 for r in attention if r["kernel"] == "attention-split" and r["dtype"] != "fp32")
     # prefill tiles of 64 (token, head) rows: warpgroup MMAs in 16-bit dtypes, exact float32 on the CUDA cores
     for r in attention:
@@ -134,6 +136,8 @@ def test_fused_elementwise_kernels_compile_without_spills(report):
         for s in ("Llama-3-8B", "SmolLM2-135M", "Llama-3-70B"))
     for r in fused:  # RoPE takes 8 heads per program: its registers do not grow with the model's heads
         assert r["spill_bytes"] == 0 and r["registers"] <= (64 if r["kernel"] == "rope_store" else 128), r
+        # RMSNorm and SiLU-and-multiply, which a matmul follows, let it start if launched for PDL
+        assert r["all"].get("PREEXIT", 0) == (r["kernel"] != "rope_store") and "ACQBULK" not in r["all"], r
 
 
 MMA_64_ROW_TILES = [  # (bits, group, BN, BK, num_warps, joined tile?) as mma_one_dot decides; BK >= 16 words
