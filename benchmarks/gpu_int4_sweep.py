@@ -95,12 +95,12 @@ def next_grid(N: int, K: int, device: torch.device) -> list[dict]:
     from inferkit.kernels import tune, tuned
     from inferkit.kernels.quant_matmul import _device_name
 
-    first = [pick for pick in (prefetch_grid(N, K, device)[0], tuned.lookup(1, N, K, 128, 4, _device_name(device)))
-             if pick]
+    prefetch = prefetch_grid(N, K, device)  # the heuristic's config, then the GEMV's loops
+    first = [pick for pick in (prefetch[0], tuned.lookup(1, N, K, 128, 4, _device_name(device))) if pick]
     splits = (4, 8) if K >= 128 * 4 else (1, 2)  # (a small K: the CPU's check of this script)
     swap = [c for c in swap_grid(N, K, device)[1:] if c.get("ONE_DOT") and "STAGES" not in c
             and c["SPLIT_K"] in splits]
-    ahead = [c for c in prefetch_grid(N, K, device)[1:] if (c["BN"], c["num_warps"]) in ((128, 8), (64, 2))
+    ahead = [c for c in prefetch[1:] if (c["BN"], c["num_warps"]) in ((128, 8), (64, 2))
              and c["SPLIT_K"] in splits and "REG_CAP" not in c
              and (c.get("STAGES") in (3, 4) or c.get("PREFETCH") in (2, 3))]
     mixed = [c for pair in zip(swap, ahead) for c in pair] + swap[len(ahead):] + ahead[len(swap):]

@@ -87,21 +87,6 @@ def _k_range(K, pid_k, SPLIT_K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _pdl_start(PDL: tl.constexpr):
-    """Programmatic dependent launch (PDL, ``inferkit.kernels.pdl``): signal at once, so that the
-    next kernel, launched so too, starts as soon as every program of this one has started and
-    reads its weights while this one finishes."""
-    pdl.signal(PDL)
-
-
-@triton.jit
-def _pdl_wait(PDL: tl.constexpr):
-    """Under PDL, wait here for the kernel before. Before it a program reads only the weights,
-    scales and zero points (no inputs, no workspace or counters) and writes nothing."""
-    pdl.wait(PDL)
-
-
-@triton.jit
 def _load_words(w_ptr, offs_n, mask, k0, KW, stride_wn, VALS: tl.constexpr, BKW: tl.constexpr,
                 EVEN_K: tl.constexpr = False):
     """The packed words [BN, BKW] holding inputs k0..k0+BKW*VALS, coalesced along K; ``mask`` [BN]
@@ -424,7 +409,7 @@ def _gemv_prefetching(acc0, acc1, acc2, acc3, k_lo, k_hi, w_ptr, x_ptr, s_ptr, z
         kw1, m1, w1 = _words_before(w_ptr, offs_n, n_mask, k_lo + BK, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
     if PREFETCH >= 3:
         kw2, m2, w2 = _words_before(w_ptr, offs_n, n_mask, k_lo + 2 * BK, k_hi, KW, stride_wn, VALS, BKW, EVEN_K)
-    _pdl_wait(PDL)
+    pdl.wait(PDL)
     for k0 in range(k_lo, k_hi, BK):
         nxt_kw, nxt_mask, nxt = _words_before(w_ptr, offs_n, n_mask, k0 + PREFETCH * BK, k_hi, KW, stride_wn, VALS,
                                               BKW, EVEN_K)
@@ -461,13 +446,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     of BK): the inputs load without masks. X_STEP: the inputs are addressed from a pointer that
     steps with the tile and offsets that do not change, which ptxas turns into one address and
     immediate offsets for a thread's input loads (without it, each load's address is worked out
-    anew every tile); see ``gemv_input_step`` for where. PDL (``_pdl_start``): the register loop
-    loads its first tiles' words before waiting for the kernel before; the pipelined loop waits
-    first."""
+    anew every tile); see ``gemv_input_step`` for where. PDL (``inferkit.kernels.pdl``): the
+    kernel signals at once; the register loop loads its first tiles' words before waiting for the
+    kernel before (nothing else is read before the wait, and nothing written); the pipelined loop
+    waits first."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
-    _pdl_start(PDL)
+    pdl.signal(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -485,7 +471,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
         cs_ch = _per_row(_negated_offsets(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32) + OFF,
                                           BITS), BITS)
     if STAGES > 0:  # Triton's pipeliner: cp.async into shared memory, STAGES - 1 tiles ahead
-        _pdl_wait(PDL)
+        pdl.wait(PDL)
         for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
             offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW, EVEN_K)
             acc0, acc1, acc2, acc3 = _gemv_tile(acc0, acc1, acc2, acc3, words, offs_kw, kw_mask, k0, x_ptr, s_ptr,
@@ -532,20 +518,20 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, 
     over the inputs ``VALS*w + j`` (a sum over K in any order; 16 barriers per tile). The loop is
     Triton's pipelined one with the launch's ``num_stages`` (a config's ``STAGES``, default 2):
     at 2 stages the compiled loop waits for every copy before a tile's work (``DEPBAR.LE SB0,
-    0``), so no load overlaps it; at 3 and 4, 1 and 2 tiles stay in flight. PDL: the loop waits
-    for the kernel before (``_pdl_start``)."""
+    0``), so no load overlaps it; at 3 and 4, 1 and 2 tiles stay in flight. PDL: the kernel
+    signals at once, and the loop waits for the kernel before (``inferkit.kernels.pdl``)."""
     VALS: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BK // VALS
     OFF: tl.constexpr = 1 << (BITS - 1)
     MASK: tl.constexpr = (1 << BITS) - 1
     ONE_GROUP: tl.constexpr = (not PER_CHANNEL) and BK <= GROUP and GROUP % BK == 0
-    _pdl_start(PDL)
+    pdl.signal(PDL)
     pid_n, pid_m, pid_k, offs_n, offs_m, n_mask, m_mask, k_lo, k_hi = _tile(M, N, K, BM, BN, BK, SPLIT_K)
     acc = tl.zeros([BM, BN], tl.float32)
     if PER_CHANNEL:
         s = 1.0
         z = tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None] if HAS_ZP else 0.0
-    _pdl_wait(PDL)
+    pdl.wait(PDL)
     for k0 in range(k_lo, k_hi, BK):
         offs_kw, kw_mask, words = _load_words(w_ptr, offs_n, n_mask, k0, KW, stride_wn, VALS, BKW)
         if not PER_CHANNEL:
@@ -720,10 +706,10 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     Either way the values reach the tensor cores through shared memory (Triton converts their
     layout there; joined, 16-byte stores). ASM (PTX): the word pairs by ``prmt``, the 16-bit
     floats as above and a dot in the inputs' dtype; otherwise (the interpreter) the same values
-    in float32 and a float32 dot (``_swap_tile``). PDL (``_pdl_start``): the first tile's words
-    are loaded before the wait for the kernel before."""
+    in float32 and a float32 dot (``_swap_tile``). PDL (``inferkit.kernels.pdl``): the kernel
+    signals at once, and loads the first tile's words before the wait for the kernel before."""
     BKW: tl.constexpr = BK // 8
-    _pdl_start(PDL)
+    pdl.signal(PDL)
     pid_n, pid_m, pid_k, offs_n, offs_m, n_mask, m_mask, k_lo, k_hi = _tile(M, N, K, BM, BN, BK, SPLIT_K)
     acc = tl.zeros([BN, BM], tl.float32)
     off = tl.full([BN, 1], 8.0, tl.float32)  # the code offset, plus the zero point
@@ -732,7 +718,7 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     k_first = k_lo
     if PDL:  # the first tile's words before the wait for the kernel before (none past the split)
         offs_kw, kw_mask, words = _words_before(w_ptr, offs_n, n_mask, k_lo, k_hi, KW, stride_wn, 8, BKW, EVEN_K)
-        _pdl_wait(PDL)
+        pdl.wait(PDL)
         if k_lo < k_hi:
             acc = _swap_tile(acc, words, offs_kw, kw_mask, k_lo, off, x_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_m,
                              m_mask, K, KW, stride_xm, stride_sn, stride_zn, GROUP, HAS_ZP, PER_CHANNEL, BM, BK,
@@ -1020,7 +1006,7 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     MMA kernel's ``STAGES`` (its pipeline's, 2-5; default 2). ``PDL`` (any kernel; default false):
     launched as a programmatic dependent launch on sm_90+ GPUs (elsewhere ignored): it starts
     while the kernel before it in the stream finishes, reads its first weights, and waits for
-    that kernel before reading ``x`` or writing (``_pdl_start``). So the weights, scales and zero
+    that kernel before reading ``x`` or writing (``inferkit.kernels.pdl``). So the weights, scales and zero
     points must not be written by a kernel still running when it is launched (a model's weights
     are not). bf16 inputs must be (or are copied to be) 4-byte aligned with an even row stride;
     zero points must be integers, as compressed-tensors stores them."""

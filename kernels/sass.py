@@ -69,24 +69,27 @@ def compile_for(fn, signature: dict, constexprs: dict, *, num_warps: int = 4, nu
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+# an instruction line of nvdisasm: its opcode (group 1) and modifiers (group 2), after any predicate
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([.\w]*)")
+
+
 def _opcodes(lines: list[str]) -> collections.Counter:
-    counts = collections.Counter()
-    for line in lines:
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if m:
-            counts[m.group(1)] += 1
-    return counts
+    return collections.Counter(m.group(1) for line in lines if (m := _INSTRUCTION.search(line)))
 
 
-def inspect(kernel) -> Compiled:
-    """Registers, spills and the instruction mix of the longest backward-branch loop."""
+def _on_cubin(kernel, tool: str, *args: str) -> str:
+    """The output of one of Triton's CUDA tools run on the kernel's cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
-                               check=True).stdout
-        text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_tool(tool), *args, path], capture_output=True, text=True, check=True).stdout
+
+
+def inspect(kernel) -> Compiled:
+    """Registers, spills and the instruction mix of the longest backward-branch loop."""
+    usage = _on_cubin(kernel, "cuobjdump", "--dump-resource-usage")
+    text = _on_cubin(kernel, "nvdisasm", "-c")
     num = lambda key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", usage)) else 0  # noqa: E731
     lines = text.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
@@ -110,13 +113,8 @@ def inspect(kernel) -> Compiled:
 def before_wait(kernel) -> tuple[list[str], bool]:
     """The opcodes a PDL kernel (``PDL``) runs before ``griddepcontrol.wait`` (SASS ``ACQBULK``),
     in code order, and whether the kernel waits at all: what may overlap the kernel before it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        text = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
-    ops = [m.group(1) for line in text.splitlines()
-           if (m := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line))]
+    ops = [m.group(1) + m.group(2) for line in _on_cubin(kernel, "nvdisasm", "-c").splitlines()
+           if (m := _INSTRUCTION.search(line))]
     return (ops[:ops.index("ACQBULK")], True) if "ACQBULK" in ops else (ops, False)
 
 

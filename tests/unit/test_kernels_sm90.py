@@ -181,10 +181,10 @@ def test_pdl_kernels_read_only_weights_before_the_wait():
     parameters (LDC); its hot loop is the plain launch's."""
     script = ("import json, sys\nfrom inferkit.kernels import sass\n"
               "for rows, kw, _ in json.loads(sys.argv[1]):\n"
-              "    ops, waits = sass.before_wait(sass.quant_matmul_kernel(rows, pdl=True, **kw))\n"
-              "    plain, pdl = (sass.inspect(sass.quant_matmul_kernel(rows, pdl=p, **kw)) for p in (False, True))\n"
-              "    print(json.dumps([ops, waits, sum(plain.loop.values()), sum(pdl.loop.values()),"
-              " sass.before_wait(sass.quant_matmul_kernel(rows, **kw))[1]]), flush=True)\n")
+              "    plain, pdl = (sass.quant_matmul_kernel(rows, pdl=p, **kw) for p in (False, True))\n"
+              "    ops, waits = sass.before_wait(pdl)\n"
+              "    print(json.dumps([ops, waits, sum(sass.inspect(plain).loop.values()),"
+              " sum(sass.inspect(pdl).loop.values()), sass.before_wait(plain)[1]]), flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(PDL_CASES)], capture_output=True, text=True,
                           env=compile_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
