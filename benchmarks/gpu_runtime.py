@@ -4,7 +4,8 @@ on the weights' values; the GPU machine cannot download the demo model), against
     python benchmarks/gpu_runtime.py --config .gpu/demo --out bench_out/gpu_runtime.json
 
 ``--config`` is a folder with the demo model's config.json and tokenizer files
-(``benchmarks/gpu.sh --prepare`` copies them there). Measured per engine (fp32, bf16, W8, W4):
+(``benchmarks/gpu.sh --prepare`` copies them there). Measured per engine (fp32, bf16, W8, W4, and
+on sm_90+ W4 with the ``pdl`` option, every matmul a programmatic dependent launch):
 single-request decode, 16 concurrent requests (128-token prompts, 128 new tokens), and a
 64-request load test; transformers' ``generate()`` at batch 1 and 4 requests one by one as the
 baseline, and greedy agreement between the two.
@@ -58,6 +59,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from inferkit.config import QuantizeConfig, Recipe, ServeTestConfig
+    from inferkit.kernels import pdl
     from inferkit.runtime import LLM, SamplingParams
     from inferkit.stages.quantize import run_quantize
     from inferkit.stages.serve_test import run_load_test
@@ -94,12 +96,15 @@ def main() -> None:
         print(f"transformers {dtype}: batch 1 {b1:.1f} tok/s, one by one {seq:.1f} tok/s", flush=True)
         del hf
         gc.collect()
-        engines = {dtype: (model, dtype)}
+        engines = {dtype: (model, dtype, {})}
         if dtype == "bfloat16":
-            engines.update({k: (v, dtype) for k, v in arts.items()})
-        for name, (path, dt) in engines.items():
+            for k, v in arts.items():
+                engines[k] = (v, dtype, {})
+                if k == "w4" and pdl.capable(torch.device("cuda")):  # again, every matmul a PDL launch
+                    engines["w4_pdl"] = (v, dtype, {"pdl": True})
+        for name, (path, dt, options) in engines.items():
             torch.cuda.reset_peak_memory_stats()  # each engine's own peak, not the process's
-            llm = LLM(path, device="cuda", dtype=dt)
+            llm = LLM(path, device="cuda", dtype=dt, **options)
             params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
             llm.generate([single], SamplingParams(temperature=0, max_tokens=8))
             runs = []

@@ -149,6 +149,7 @@ class ServeTestConfig:
     device: str = "cpu"
     dtype: str = "float32"
     linear_backend: str = "auto"  # auto: triton on CUDA, packed on the CPU; torch: exact dequantize + matmul
+    pdl: bool = False  # quantized matmuls as programmatic dependent launches (triton linears, sm_90+)
     # Speculative decoding: a draft model folder, and draft tokens per step.
     draft: str | None = None
     num_speculative_tokens: int = 4
@@ -174,10 +175,12 @@ class ServeTestConfig:
             raise InferkitError("serve_test.window_size must be at least 2")
         if self.request_rate is not None and self.request_rate <= 0:
             raise InferkitError(f"serve_test.request_rate must be positive, got {self.request_rate}")
+        if not isinstance(self.pdl, bool):
+            raise InferkitError(f"serve_test.pdl must be true or false, got {self.pdl!r}")
 
     def engine_options(self) -> dict:
         keys = ("kv_cache_gb", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "enable_prefix_caching", "device", "dtype", "linear_backend")
+                "max_model_len", "enable_prefix_caching", "device", "dtype", "linear_backend", "pdl")
         options = {k: getattr(self, k) for k in keys}
         if self.draft:
             options.update(draft=self.draft, num_speculative_tokens=self.num_speculative_tokens)

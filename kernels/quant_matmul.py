@@ -917,7 +917,8 @@ def mma_one_dot(requested: bool, BM: int, BN: int, BK: int, num_warps: int, per_
 
 @functools.lru_cache(maxsize=4096)
 def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | None, dtype: torch.dtype,
-          device: torch.device, has_zp: bool, has_bias: bool, config: tuple | None) -> tuple:
+          device: torch.device, has_zp: bool, has_bias: bool, config: tuple | None,
+          pdl_launch: bool | None = None) -> tuple:
     """Everything about a launch that depends only on shapes, dtypes and the config, worked out
     once: (kernel, grid, split, counters, constexprs). Eager steps call the matmul hundreds of
     times per step, so the per-call Python work is kept to allocating the output and launching."""
@@ -937,6 +938,8 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         if "KERNEL" not in override:
             cfg.pop("KERNEL", None)
         cfg.update(override)
+    if pdl_launch is not None:  # quant_matmul's pdl=: over the config's and the table's
+        cfg["PDL"] = pdl_launch
     kernel = tuned.kernel_for(M, cfg)
     if kernel is None:
         raise ValueError(f"KERNEL {cfg['KERNEL']!r}: 'mma', 'swap', or 'gemv' for up to 4 rows")
@@ -993,7 +996,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
 
 def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                  bits: int, group_size: int | None = None, bias: torch.Tensor | None = None,
-                 config: dict | None = None) -> torch.Tensor:
+                 config: dict | None = None, pdl: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ dequant(W [N, K]).T → [M, N] in x's dtype.
 
     ``group_size`` None or >= K: per-channel scales ``[N, 1]``. ``bias`` [N] (contiguous) is added
@@ -1008,8 +1011,10 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
     while the kernel before it in the stream finishes, reads its first weights, and waits for
     that kernel before reading ``x`` or writing (``inferkit.kernels.pdl``). So the weights, scales and zero
     points must not be written by a kernel still running when it is launched (a model's weights
-    are not). bf16 inputs must be (or are copied to be) 4-byte aligned with an even row stride;
-    zero points must be integers, as compressed-tensors stores them."""
+    are not). ``pdl`` True or False: whether to launch so, over the config's and a tuned
+    table's ``PDL`` (None: theirs; the runtime's ``pdl`` engine option passes True). bf16
+    inputs must be (or are copied to be) 4-byte aligned with an even row stride; zero points
+    must be integers, as compressed-tensors stores them."""
     if x.dim() != 2 or w_packed.dtype != torch.int32:
         raise ValueError("quant_matmul: x must be [M, K] and the packed weights int32")
     M, K = x.shape
@@ -1024,9 +1029,11 @@ def quant_matmul(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, z
         bias = bias if bias.stride(0) == 1 else bias.contiguous()
     if config is not None and not isinstance(config.get("PDL", False), bool):  # 1 and True are one plan's key
         raise ValueError(f"PDL {config['PDL']!r}: true or false")
+    if pdl is not None and not isinstance(pdl, bool):
+        raise ValueError(f"pdl {pdl!r}: True, False or None")
     kernel, grid, split, counters, consts = _plan(M, N, K, KW, scale.shape[1], bits, group_size, x.dtype, x.device,
                                                   zero_point is not None, bias is not None,
-                                                  None if config is None else tuple(sorted(config.items())))
+                                                  None if config is None else tuple(sorted(config.items())), pdl)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
     z = zero_point if zero_point is not None else scale

@@ -38,6 +38,7 @@ def serve_test(
     prefix_caching: Annotated[Optional[bool], typer.Option("--prefix-caching/--no-prefix-caching", help="Share KV blocks of common prompt prefixes.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
     linear_backend: Annotated[Optional[str], typer.Option(help="Quantized matmuls: auto (triton on CUDA, packed on the CPU), packed (PyTorch's packed INT4/INT8 CPU kernels, bfloat16 products), torch (exact: dequantize, then matmul), reference, triton.")] = None,
+    pdl: Annotated[Optional[bool], typer.Option("--pdl/--no-pdl", help="Launch the quantized matmuls as programmatic dependent launches (Triton linears on sm_90+ GPUs: each starts while the kernel before it finishes; a plain launch elsewhere).")] = None,
     draft: Annotated[Optional[Path], typer.Option(help="Draft model folder: serve with speculative decoding and measure it (default: a packed artifact's own draft/).")] = None,
     use_draft: Annotated[bool, typer.Option("--use-draft/--no-draft", help="Use the packed artifact's draft/ when --draft is not given.")] = True,
     num_speculative_tokens: Annotated[Optional[int], typer.Option(help="Draft tokens proposed per step.")] = None,
@@ -62,7 +63,7 @@ def serve_test(
                  num_requests=num_requests, request_rate=request_rate, seed=seed, kv_cache_gb=kv_cache_gb,
                  num_kv_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                 enable_prefix_caching=prefix_caching, device=device, linear_backend=linear_backend,
+                 enable_prefix_caching=prefix_caching, device=device, linear_backend=linear_backend, pdl=pdl,
                  min_agreement=min_agreement,
                  draft=str(draft) if draft else None, num_speculative_tokens=num_speculative_tokens,
                  max_ppl_increase=max_ppl_increase, min_throughput=min_throughput, max_ttft_p99_ms=max_ttft_p99_ms,
@@ -110,6 +111,8 @@ def _print_summary(report: dict, checks) -> None:
     rows += [["peak RSS MB", mem["peak_rss_mb"]], ["weights MB (packed)", mem["weights_mb"]]]
     if report.get("backends"):
         rows.append(["backends (linear / attention)", f"{report['backends']['linear']} / {report['backends']['attention']}"])
+    if report.get("config", {}).get("pdl"):  # asked for: whether the GPU ran them so
+        rows.append(["matmul launches", "PDL" if report.get("pdl_launches") else "plain (PDL needs sm_90+)"])
     sp = report.get("speculative")
     if sp:
         rows += [["draft acceptance (by position)", f"{sp['acceptance_rate']:.3f} ("

@@ -25,6 +25,7 @@ class EngineConfig:
     # reference: unpack the stored words every call
     attention_backend: str = "auto"  # auto: triton on CUDA, else torch (SDPA over gathered blocks)
     cuda_graphs: bool = True  # on CUDA with the triton attention: replay captured decode steps
+    pdl: bool = False  # triton linears on sm_90+: every quantized matmul a programmatic dependent launch
     num_threads: int | None = None  # torch intra-op threads on CPU; None: leave as is
     verify_hashes: bool = True  # check the artifact's files against its manifest on load
     draft: str | None = None  # a draft model folder: speculative decoding
@@ -45,6 +46,8 @@ class EngineConfig:
             raise InferkitError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InferkitError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not isinstance(self.pdl, bool):
+            raise InferkitError(f"pdl must be true or false, got {self.pdl!r}")
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
             raise InferkitError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         if self.linear_backend not in LINEAR_BACKENDS:

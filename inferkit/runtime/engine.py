@@ -77,6 +77,7 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.eos_ids = _eos_ids(folder, hf_config, self.tokenizer)
         self.draft = self._load_draft(config, spec, backend) if config.draft else None
+        self.pdl = self._launch_pdl(config, backend)
         block_bytes = KVCache.bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, self.dtype)
         if self.draft is not None:
             d = self.draft.spec
@@ -110,6 +111,24 @@ class LLMEngine:
         self.spec = spec
         self._ids = itertools.count()
         self.stats = EngineStats()
+
+    def _launch_pdl(self, config: EngineConfig, backend: str) -> bool:
+        """With the ``pdl`` option, every Triton-quantized matmul of the model and the draft is a
+        programmatic dependent launch; whether the GPU runs them so (sm_90+: True; elsewhere they
+        are plain launches, and the interpreter runs their loops without the waits)."""
+        if not config.pdl:
+            return False
+        if backend != "triton":
+            raise InferkitError(f"pdl: programmatic dependent launches are the Triton matmul's, and the linear "
+                                f"backend is {backend}; use linear_backend=triton (the default on CUDA)")
+        from inferkit.kernels import pdl
+        from inferkit.runtime.linear import TritonQuantLinear
+
+        for model in (self.model, self.draft):
+            for lin in model.linears() if model is not None else []:
+                if isinstance(lin, TritonQuantLinear):
+                    lin.pdl = True
+        return pdl.capable(self.device)
 
     def _load_draft(self, config: EngineConfig, spec: ModelSpec, backend: str) -> RuntimeModel:
         from transformers import AutoConfig, AutoTokenizer

@@ -239,6 +239,7 @@ class TritonQuantLinear:
         self.zero = zero_point.to(dtype).contiguous() if zero_point is not None else None
         self.fmt, self.bias = fmt, bias
         self.group_size = fmt.group_size if fmt.num_groups(in_features) > 1 else None
+        self.pdl: bool | None = None  # True: launched for PDL (the engine's pdl option); None: as the table says
 
     @staticmethod
     def supports(fmt: QuantFormat, in_features: int) -> bool:
@@ -251,7 +252,8 @@ class TritonQuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from inferkit.kernels.quant_matmul import quant_matmul
 
-        return quant_matmul(x, self.packed, self.scale, self.zero, self.fmt.bits, self.group_size, self.bias)
+        return quant_matmul(x, self.packed, self.scale, self.zero, self.fmt.bits, self.group_size, self.bias,
+                            pdl=self.pdl)
 
     def nbytes(self) -> int:
         parts = (self.packed, self.scale) + ((self.zero,) if self.zero is not None else ())

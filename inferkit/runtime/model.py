@@ -157,6 +157,14 @@ class RuntimeModel:
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
 
+    def linears(self) -> list:
+        """Every linear layer (the parts of concatenated ones), in layer order, the output head last."""
+        out = []
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                out.extend(getattr(lin, "parts", [lin]))
+        return out + getattr(self.lm_head, "parts", [self.lm_head])
+
     def nbytes(self) -> int:
         """Bytes of weights held (packed where quantized)."""
         total = sum(lin.nbytes() for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))

@@ -330,7 +330,8 @@ def run_serve_test(model_path: str | Path, cfg: ServeTestConfig, quality: bool =
     report = {"model": str(folder), "passed": all(c.passed for c in checks), "duration_s": time.perf_counter() - t0,
               **results, "checks": [dict(asdict(c), passed=c.passed) for c in checks],
               "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-              "device": cfg.device, "backends": llm.engine.backends, "torch": torch.__version__,
+              "device": cfg.device, "backends": llm.engine.backends, "pdl_launches": llm.engine.pdl,
+              "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     return report, checks
 

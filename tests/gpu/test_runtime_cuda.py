@@ -96,13 +96,13 @@ def test_speculative_decoding_with_graphs(tiny_llama):
     assert max(spec.engine.runner.graphs.graphs) >= 4 * len(PROMPTS) > len(PROMPTS)
 
 
-def test_pdl_matmuls_in_graphed_decode_steps_give_the_same_tokens(tiny_llama, tmp_path, monkeypatch):
-    """Every quantized matmul launched for PDL, each starting during the RMSNorm, SiLU or
-    attention kernel before it (which signal on sm_90): the plain launches' greedy tokens and
-    scores, with CUDA-graph decode steps."""
+def test_pdl_matmuls_in_graphed_decode_steps_give_the_same_tokens(tiny_llama, tmp_path):
+    """The engine's ``pdl`` option: every quantized matmul launched for PDL, each starting during
+    the RMSNorm, SiLU or attention kernel before it (which signal on sm_90), gives the plain
+    launches' greedy tokens and scores, with CUDA-graph decode steps."""
     from inferkit.config import QuantizeConfig, Recipe
     from inferkit.data.calibration import CalibrationConfig
-    from inferkit.kernels import quant_matmul as qm
+    from inferkit.kernels import pdl
     from inferkit.runtime import LLM, SamplingParams
     from inferkit.stages.quantize import run_quantize
 
@@ -114,21 +114,9 @@ def test_pdl_matmuls_in_graphed_decode_steps_give_the_same_tokens(tiny_llama, tm
     plain_llm = LLM(out, device="cuda", linear_backend="triton", block_size=8)
     plain = [o.token_ids for o in plain_llm.generate(PROMPTS, params)]
     plain_scores = plain_llm.score(ids)
-    picked, launched = qm._picked, []
-
-    def with_pdl(*args):
-        launched.append(args)
-        return tuple({**dict(picked(*args)), "PDL": True}.items())
-
-    qm.reset_configs()
-    monkeypatch.setattr(qm, "_picked", with_pdl)
-    try:
-        llm = LLM(out, device="cuda", linear_backend="triton", block_size=8)
-        assert llm.engine.runner.graphs is not None
-        assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
-        assert llm.engine.runner.graphs.graphs, "no decode step was replayed from a graph"
-        assert torch.equal(llm.score(ids), plain_scores)
-        assert launched  # the matmuls' configs went through PDL
-    finally:
-        monkeypatch.undo()
-        qm.reset_configs()
+    llm = LLM(out, device="cuda", linear_backend="triton", block_size=8, pdl=True)
+    assert llm.engine.pdl is pdl.capable(torch.device("cuda"))
+    assert llm.engine.runner.graphs is not None
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
+    assert llm.engine.runner.graphs.graphs, "no decode step was replayed from a graph"
+    assert torch.equal(llm.score(ids), plain_scores)

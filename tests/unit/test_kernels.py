@@ -647,6 +647,14 @@ def test_pdl_moves_the_wait_not_the_numbers(M, cfg):
                                  tuple(sorted(cfg.items())))[-1]
     with pytest.raises(ValueError, match="PDL 1: true or false"):
         quant_matmul(x, w, s, z, 4, 64, config={**cfg, "PDL": 1})
+    # pdl= (the runtime's option) over the config's: the config's tiles and kernel, launched for PDL or not
+    plan = lambda c, launch: qm._plan(M, 40, 576, 72, 9, 4, 64, x.dtype, x.device, True, False,  # noqa: E731
+                                      tuple(sorted(c.items())), launch)
+    assert plan(cfg, True)[-1] == consts and plan(cfg, True)[:2] == plan({**cfg, "PDL": True}, None)[:2]
+    assert "PDL" not in plan({**cfg, "PDL": True}, False)[-1]
+    assert torch.equal(quant_matmul(x, w, s, z, 4, 64, config=cfg, pdl=True), plain)
+    with pytest.raises(ValueError, match="pdl 1: True, False or None"):
+        quant_matmul(x, w, s, z, 4, 64, config=cfg, pdl=1)
 
 
 def test_one_lop3_per_value_where_ptx_runs():
@@ -728,6 +736,64 @@ def test_runtime_greedy_is_identical_with_the_triton_backends(tiny_llama, w4_mix
     assert [o.token_ids for o in tri.generate(PROMPTS, greedy)] == [o.token_ids for o in ref.generate(PROMPTS, greedy)]
     ids = list(range(3, 40))
     assert (tri.score(ids) - ref.score(ids)).abs().max() < 1e-4
+
+
+def test_runtime_pdl_option_launches_every_quantized_matmul_for_pdl(w4_mixed_artifact, monkeypatch):
+    """``pdl=True``: every Triton-quantized matmul (the draft's too) is launched with ``pdl=True``,
+    over the tables, and gives the plain launches' tokens and scores (the interpreter runs the
+    PDL loops without the waits; the GPU test checks the real launches). It needs the Triton
+    linears, and is a bool."""
+    from inferkit.errors import InferkitError
+    from inferkit.kernels import quant_matmul as qm
+    from inferkit.runtime import LLM, SamplingParams
+    from inferkit.runtime.linear import TritonQuantLinear
+
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    options = dict(device=DEVICE, linear_backend="triton", attention_backend="triton", block_size=8, cuda_graphs=False)
+    plain = LLM(w4_mixed_artifact, **options)
+    assert plain.engine.pdl is False
+    assert {lin.pdl for lin in plain.engine.model.linears() if isinstance(lin, TritonQuantLinear)} == {None}
+    launched = []
+    real = qm.quant_matmul
+    monkeypatch.setattr(qm, "quant_matmul", lambda *a, **kw: (launched.append(kw.get("pdl")), real(*a, **kw))[1])
+    drafted = LLM(w4_mixed_artifact, pdl=True, draft=str(w4_mixed_artifact), **options).engine
+    quantized = [lin for m in (drafted.model, drafted.draft) for lin in m.linears() if isinstance(lin, TritonQuantLinear)]
+    assert len(quantized) == 2 * 4 * drafted.spec.num_layers and {lin.pdl for lin in quantized} == {True}
+    llm = LLM(w4_mixed_artifact, pdl=True, **options)
+    assert llm.engine.pdl is (DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
+    got = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
+    assert launched and set(launched) == {True}
+    monkeypatch.undo()
+    assert got == [o.token_ids for o in plain.generate(PROMPTS, greedy)]
+    ids = list(range(3, 40))
+    assert torch.equal(llm.score(ids), plain.score(ids))
+    with pytest.raises(InferkitError, match="pdl: programmatic dependent launches are the Triton matmul's, "
+                                            "and the linear backend is torch"):
+        LLM(w4_mixed_artifact, device=DEVICE, linear_backend="torch", pdl=True)
+    with pytest.raises(InferkitError, match="pdl must be true or false, got 1"):
+        LLM(w4_mixed_artifact, device=DEVICE, pdl=1)
+
+
+def test_serve_test_pdl_flag_reaches_the_engine_and_the_report(w4_mixed_artifact, tmp_path):
+    """serve-test --pdl: the option in the report's config, whether the GPU ran PDL launches
+    (``pdl_launches``: only on sm_90+), and the summary's row saying which."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from inferkit.cli.main import app
+
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    args = ["serve-test", str(w4_mixed_artifact), "-o", str(tmp_path / "st"), "--device", DEVICE, "--linear-backend",
+            "triton", "--pdl", "--no-quality", "--num-requests", "2", "--prompt-len", "4:6", "--output-len", "2:3",
+            "--max-model-len", "32", "--num-kv-blocks", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "st" / "report.json").read_text())
+    assert report["config"]["pdl"] is True and report["pdl_launches"] is hopper
+    assert report["load"]["failed_requests"] == 0 and report["backends"]["linear"] == "triton"
+    row = next(line for line in result.output.splitlines() if "matmul launches" in line)
+    assert [c.strip() for c in row.strip("│ ").split("│")] == ["matmul launches", "PDL" if hopper else "plain (PDL needs sm_90+)"]
 
 
 def test_runtime_chunked_prefill_mixed_with_decodes_on_the_triton_kernels(tiny_llama):

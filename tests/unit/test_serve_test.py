@@ -42,6 +42,8 @@ def test_passing_run_writes_report_and_junit(artifact, tmp_path):
     q, load, mem = report["quality"], report["load"], report["memory"]
     # The default reference is the artifact's own weights: the exact backend must reproduce them.
     assert report["backends"] == {"linear": "torch", "attention": "torch"}
+    assert report["pdl_launches"] is False and report["config"]["pdl"] is False
+    assert "matmul launches" not in output  # the summary's PDL row only when PDL was asked for
     assert q["agreement"] == 1.0 and abs(q["ppl_increase_pct"]) < 0.01
     assert load["requests"] == 6 and load["failed_requests"] == 0
     assert 4 * 6 <= load["generated_tokens"] <= 12 * 6
@@ -82,6 +84,8 @@ def test_poisson_arrivals_are_seeded(tmp_path):
     a, b = make_workload(tokens, cfg, 64), make_workload(tokens, cfg, 64)
     assert a == b and a[0][0] == 0 and all(x[0] < y[0] for x, y in zip(a, a[1:]))
     assert 0.5 < a[-1][0] / 1.9 < 2.0  # 19 gaps of mean 0.1 s
+    with pytest.raises(InferkitError, match="serve_test.pdl must be true or false, got 'yes'"):
+        ServeTestConfig(pdl="yes")
     with pytest.raises(InferkitError, match="exceeds max_model_len"):
         make_workload(tokens, cfg, 10)
 
@@ -95,6 +99,7 @@ def test_percentile_interpolates():
     (["--prompt-len", "200:300"], "exceeds max_model_len"),
     (["--num-kv-blocks", 2], "cannot hold one sequence"),
     (["--prompt-len", "x"], "--prompt-len must be MIN:MAX"),
+    (["--pdl"], "pdl: programmatic dependent launches are the Triton matmul's, and the linear backend is packed"),
 ])
 def test_bad_options_are_one_line_errors(artifact, tmp_path, args, message):
     code, output = invoke(artifact, "-o", tmp_path / "x", *SMALL, *args)
