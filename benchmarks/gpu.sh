@@ -66,17 +66,19 @@ if [[ $PARTS == *sweep* ]]; then
     | tee "$OUT/int4_sweep.log"
   echo "[sweep done at ${SECONDS}s]"
 fi
-# 3. The runtime on the demo's shape (fp32, bf16, W8, W4): the issue-4 benchmark, now on the Triton kernels.
+# 3. The runtime on the demo's shape (fp32, bf16, W4, W4 with every matmul a PDL launch, W8): the
+#    issue-4 benchmark, now on the Triton kernels.
 if [[ $PARTS == *runtime* ]]; then
-  timeout 150 python benchmarks/gpu_runtime.py --config .gpu/demo --out "$OUT/gpu_runtime.json" 2>&1 \
+  timeout 180 python benchmarks/gpu_runtime.py --config .gpu/demo --out "$OUT/gpu_runtime.json" 2>&1 \
     | grep -v "Loading weights" | tee "$OUT/gpu_runtime.log"
   echo "[runtime done at ${SECONDS}s]"
 fi
 # 4. (Only when GPU_PARTS names it.) inferkit tune-kernels on the runtime part's W4 artifact (demo
-#    shape): the command a user runs for their own model, its quick grid at 1, 4 and 16 rows.
+#    shape): the command a user runs for their own model, its quick grid at 1, 4 and 16 rows, the 3
+#    fastest configs per shape also timed as programmatic dependent launches (--pdl).
 if [[ $PARTS == *tune* ]]; then
   [ -d /tmp/ik-gpu/w4 ] || timeout 120 python benchmarks/gpu_runtime.py --config .gpu/demo --build-only
-  timeout 150 python -m inferkit tune-kernels /tmp/ik-gpu/w4 -o "$OUT/tuned-demo-w4.json" --grid quick --rows 1,4,16 \
+  timeout 150 python -m inferkit tune-kernels /tmp/ik-gpu/w4 -o "$OUT/tuned-demo-w4.json" --grid quick --rows 1,4,16 --pdl \
     --overwrite --json "$OUT/tune-demo-w4-sweep.json" 2>&1 | tail -25  # no log file: the device returns 8 files
   echo "[tune done at ${SECONDS}s]"
 fi

@@ -8,7 +8,10 @@ timing it, and keeps the fastest per shape and bucket as a table for ``inferkit.
 
 Times are the kernels' own: calls captured in a CUDA graph and replayed, cycling through copies
 of the weights large enough together to miss the L2 cache, as a decode step streams weights that
-the previous step's other layers have evicted. Under ``TRITON_INTERPRET=1`` on a CPU the same
+the previous step's other layers have evicted. With ``pdl`` (sm_90+), the fastest plain configs
+are timed again as programmatic dependent launches, each call starting during the one before
+(in the runtime, the kernel before a matmul is an RMSNorm, attention or SiLU kernel, which signal
+at their start as the matmul does). Under ``TRITON_INTERPRET=1`` on a CPU the same
 code runs with wall-clock times of single calls: a functional check of the command, not a
 measurement.
 """
@@ -25,6 +28,7 @@ GRIDS = ("full", "quick", "smoke")
 DEFAULT_ROWS = (1, 2, 3, 4, 16, 32, 64)  # one row count per bucket of inferkit.kernels.tuned
 L2_MISS_BYTES = 256 * 2**20  # the copies of a layer's weights cycled through per timing
 MAX_REL_ERR = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+PDL_TOP = 3  # with --pdl: the fastest plain configs timed again as programmatic dependent launches
 
 
 @dataclass
@@ -262,8 +266,19 @@ def sweep(problem: Problem, M: int, dtype: torch.dtype, configs: list[dict], cop
     return rows
 
 
+def pdl_variants(rows: list[dict], top: int = PDL_TOP) -> list[dict]:
+    """The ``top`` fastest correct plain configs of a sweep, each as a programmatic dependent
+    launch (``PDL``), to time after them: back to back, each call then starts during the one
+    before it."""
+    from inferkit.kernels import tuned
+
+    timed = sorted((r for r in rows if r["us"] is not None and not r.get("PDL")), key=lambda r: r["us"])
+    return [{**{k: r[k] for k in tuned.TILE + tuned.OPTIONAL if k in r}, "PDL": True} for r in timed[:top]]
+
+
 def best_entry(problem: Problem, M: int, rows: list[dict]) -> dict | None:
-    """The table entry for the fastest correct config (``heuristic_us``: the heuristic's time)."""
+    """The table entry for the fastest correct config (``heuristic_us``: the heuristic's time;
+    ``plain_us``, when a PDL launch is the fastest: the fastest plain launch's)."""
     from inferkit.kernels import tuned
 
     timed = [r for r in rows if r["us"] is not None]
@@ -275,6 +290,9 @@ def best_entry(problem: Problem, M: int, rows: list[dict]) -> dict | None:
              "us": round(best["us"], 2)}
     if rows[0]["us"] is not None:  # candidates() puts the heuristic's config first
         entry["heuristic_us"] = round(rows[0]["us"], 2)
+    plain = [r["us"] for r in timed if not r.get("PDL")]
+    if best.get("PDL") and plain:
+        entry["plain_us"] = round(min(plain), 2)
     return entry
 
 

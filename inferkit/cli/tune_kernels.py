@@ -28,7 +28,8 @@ def describe(cfg: dict) -> str:
     cap = f" regs{cfg['REG_CAP'] or '-uncapped'}" if "REG_CAP" in cfg else ""
     ahead = f" pf{cfg['PREFETCH']}" if cfg.get("PREFETCH", 1) != 1 else ""
     ahead += f" st{cfg['STAGES']}" if cfg.get("STAGES") else ""
-    return f"{kernel} {cfg['BN']}x{cfg['BK']} k{cfg['SPLIT_K']} w{cfg['num_warps']}{variant}{cap}{ahead}"
+    launch = " pdl" if cfg.get("PDL") else ""
+    return f"{kernel} {cfg['BN']}x{cfg['BK']} k{cfg['SPLIT_K']} w{cfg['num_warps']}{variant}{cap}{ahead}{launch}"
 
 
 def duration(us: float | None) -> str:
@@ -51,6 +52,7 @@ def tune_kernels(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the table if it exists.")] = False,
     update: Annotated[bool, typer.Option("--update", help="Add to an existing table for this GPU (entries measured again are replaced).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write every config's time and error as JSON here.")] = None,
+    pdl: Annotated[bool, typer.Option("--pdl", help="Also time the 3 fastest configs per shape as programmatic dependent launches (sm_90+ GPUs; back to back, each call starts during the one before) and keep one if faster.")] = False,
 ) -> None:
     """Time the INT4/INT8 matmul's tile configs for this model's layer shapes on this GPU and write
     the fastest per shape and row count as a table the runtime launches with."""
@@ -63,7 +65,7 @@ def tune_kernels(
     if out.suffix != ".json":
         raise InferkitError(f"--out must be a .json file, got {out}")
     with progress_bar("tuning the matmul") as update_bar:
-        result = tune(model, _rows(rows), dtype=dtype, device=device, grid=grid, progress=update_bar)
+        result = tune(model, _rows(rows), dtype=dtype, device=device, grid=grid, pdl=pdl, progress=update_bar)
     entries = write(out, result, model, overwrite, update)
     shown = []
     for r in result["results"]:

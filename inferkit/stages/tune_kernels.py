@@ -49,10 +49,12 @@ def load_problems(model: str | Path, device: torch.device, dtype: str):
 
 
 def tune(model: str | Path, rows: list[int], dtype: str = "bfloat16", device: str | None = None,
-         grid: str = "full", progress=lambda done, total, label: None) -> dict:
-    """Sweep every (shape, row count) of the model; returns the table's entries and the sweep."""
+         grid: str = "full", pdl: bool = False, progress=lambda done, total, label: None) -> dict:
+    """Sweep every (shape, row count) of the model; returns the table's entries and the sweep.
+    ``pdl``: also time the fastest plain configs as programmatic dependent launches (sm_90+)."""
+    from inferkit.kernels import pdl as gdc
     from inferkit.kernels import tuned
-    from inferkit.kernels.tune import GRIDS, best_entry, candidates, operand_copies, sweep
+    from inferkit.kernels.tune import GRIDS, PDL_TOP, best_entry, candidates, operand_copies, pdl_variants, sweep
 
     if grid not in GRIDS:
         raise InferkitError(f"--grid must be one of {', '.join(GRIDS)}, got {grid!r}")
@@ -62,16 +64,21 @@ def tune(model: str | Path, rows: list[int], dtype: str = "bfloat16", device: st
     if not rows or bad:
         raise InferkitError(f"--rows must be 1-64 (above 64 rows the heuristic decides), got {bad or rows}")
     dev = pick_device(device)
+    if pdl and dev.type == "cuda" and not gdc.capable(dev):
+        raise InferkitError(f"--pdl: programmatic dependent launches need an sm_90 or later NVIDIA GPU; "
+                            f"{device_name(dev)} is sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}")
     problems = load_problems(model, dev, dtype)
     configs = {(p.key, m): candidates(m, p.N, p.K, p.group, p.bits, dev, grid) for p in problems for m in rows}
-    total, done = sum(len(c) for c in configs.values()), 0
+    total, done = sum(len(c) + (PDL_TOP if pdl else 0) for c in configs.values()), 0
     entries, results = [], []
     for p in problems:
         weight, copies = p.dequantized(), operand_copies(p, dev)
         for m in rows:
             progress(done, total, f"{p.label()} x {m} rows")
             swept = sweep(p, m, DTYPES[dtype], configs[p.key, m], copies, weight)
-            done += len(swept)
+            if pdl:
+                swept += sweep(p, m, DTYPES[dtype], pdl_variants(swept), copies, weight)
+            done += len(configs[p.key, m]) + (PDL_TOP if pdl else 0)
             entry = best_entry(p, m, swept)
             if entry is not None:
                 entries.append(entry)
@@ -84,7 +91,7 @@ def tune(model: str | Path, rows: list[int], dtype: str = "bfloat16", device: st
     import triton
 
     return {"device": device_name(dev), "interpreted": dev.type != "cuda", "dtype": dtype, "grid": grid,
-            "rows": rows, "triton": triton.__version__, "torch": torch.__version__, "entries": entries,
+            "pdl": pdl, "rows": rows, "triton": triton.__version__, "torch": torch.__version__, "entries": entries,
             "results": results}
 
 
@@ -111,5 +118,6 @@ def write(out: Path, result: dict, model: str, overwrite: bool, update: bool) ->
     tuned.write_table(out, result["device"], entries, triton=result["triton"], torch=result["torch"],
                       dtype=result["dtype"], interpreted=result["interpreted"],
                       source=f"inferkit tune-kernels {Path(str(model)).name} --grid {result['grid']} "
+                      + ("--pdl " if result.get("pdl") else "")
                       + ("(Triton interpreter: wall time of one call)" if result["interpreted"] else "(graph-replayed)"))
     return entries

@@ -107,6 +107,37 @@ def test_existing_table_needs_overwrite_or_update(tuned_run, w4_mixed_artifact):
     assert code == 1 and "is a table for 'Some Other GPU 80GB', not this GPU" in output
 
 
+def test_pdl_times_the_fastest_configs_again_as_pdl_launches(w4_mixed_artifact, tmp_path):
+    """--pdl: after each shape's grid, its 3 fastest configs again as programmatic dependent
+    launches (checked against the reference first, like every config); the fastest of all is
+    kept, with the fastest plain launch's time beside it when a PDL launch wins. The interpreter
+    runs the PDL loops without the waits (its times say nothing about which is faster)."""
+    out, report = tmp_path / "t.json", tmp_path / "r.json"
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        code, output = invoke("tune-kernels", w4_mixed_artifact, "-o", out, "--grid", "smoke", "--rows", "1", "--pdl")
+        assert code == 1 and "--pdl: programmatic dependent launches need an sm_90 or later NVIDIA GPU" in output
+        return
+    code, output = invoke("tune-kernels", w4_mixed_artifact, "-o", out, "--grid", "smoke", "--rows", "1,16", "--pdl",
+                          "--json", report)
+    assert code == 0, output
+    result = json.loads(report.read_text())
+    assert result["pdl"] is True and len(result["results"]) == 8
+    for r in result["results"]:
+        plain = [c for c in r["configs"] if not c.get("PDL")]
+        assert len(plain) == len(tune.candidates(r["M"], r["N"], r["K"], r["group"], r["bits"], DEVICE, "smoke"))
+        fastest = sorted(plain, key=lambda c: c["us"])[:tune.PDL_TOP]
+        again = r["configs"][len(plain):]
+        assert [{**{k: v for k, v in c.items() if k not in ("us", "rel_err", "error")}, "PDL": True} for c in fastest] \
+            == [{k: v for k, v in c.items() if k not in ("us", "rel_err", "error")} for c in again]
+        assert all(c["error"] is None and c["us"] > 0 for c in again)
+        best = r["best"]
+        assert best["us"] == round(min(c["us"] for c in r["configs"]), 2)
+        assert best.get("plain_us") == (round(min(c["us"] for c in plain), 2) if best.get("PDL") else None)
+    _, entries = tuned.read_table(out)
+    assert [e.get("PDL", False) for e in entries] == [bool(r["best"].get("PDL")) for r in result["results"]]
+    assert "--grid smoke --pdl" in json.loads(out.read_text())["source"]
+
+
 @pytest.mark.parametrize("args, why", [
     (["--rows", "0,65"], "--rows must be 1-64"),
     (["--rows", "one"], "--rows takes row counts separated by commas"),
@@ -191,5 +222,7 @@ def test_table_labels_for_times_and_configs():
     assert describe({"M": 1, "BN": 64, "BK": 128, "SPLIT_K": 8, "num_warps": 4, "STAGES": 3}) == "gemv 64x128 k8 w4 st3"
     assert describe({"M": 2, "KERNEL": "mma", "BN": 64, "BK": 128, "SPLIT_K": 1, "num_warps": 4}) == "mma 64x128 k1 w4"
     assert describe({"M": 1, "KERNEL": "swap", "BN": 128, "BK": 128, "SPLIT_K": 4, "num_warps": 4}) == "swap 128x128 k4 w4"
+    assert describe({"M": 1, "BN": 64, "BK": 128, "SPLIT_K": 8, "num_warps": 4, "PREFETCH": 2, "PDL": True}) == \
+        "gemv 64x128 k8 w4 pf2 pdl"
     assert describe({"M": 8, "KERNEL": "swap", "BN": 128, "BK": 128, "SPLIT_K": 4, "num_warps": 4, "ONE_DOT": False,
                      "STAGES": 2}) == "swap 128x128 k4 w4 dot/value st2"
