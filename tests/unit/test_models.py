@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from inferkit.errors import InferkitError
 from inferkit.models import load_model, resolve_model_path
