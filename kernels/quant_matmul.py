@@ -948,7 +948,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
             raise ValueError(f"KERNEL 'swap' takes 4-bit weights, not {bits}")
         swap_bk = swap_tile_k(cfg["BK"], group, per_channel)
         if dtype == torch.float32 or swap_bk is None:  # float32 inputs, or groups under 16 values: the heuristic's
-            cfg = pick_config(M, N, K, group, device, bits)
+            cfg = {**pick_config(M, N, K, group, device, bits), "PDL": cfg.get("PDL", False)}  # launched as asked
             kernel = tuned.kernel_for(M, cfg)
         else:
             cfg = {**cfg, "BK": swap_bk}

@@ -363,13 +363,18 @@ def test_swap_kernel_ptx_makes_every_nibble_pair_its_exact_value():
 
 def test_swap_kernel_leaves_what_it_cannot_take_to_the_other_kernels():
     """Float32 inputs and groups under 16 values take the heuristic's kernel (same bits as
-    without the config); 8-bit weights and a bad STAGES are errors."""
+    without the config, launched for PDL if the config asked); 8-bit weights and a bad STAGES
+    are errors."""
     from inferkit.kernels import quant_matmul as qm
 
     swap = {"BN": 32, "BK": 128, "SPLIT_K": 1, "num_warps": 4, "KERNEL": "swap"}
     x, w, s, z = quant_case(2, 24, 256, 4, 64, True, torch.float32, seed=1)
     assert qm._plan(2, 24, 256, 32, 4, 4, 64, torch.float32, torch.device(DEVICE), True, False,
                     tuple(sorted(swap.items())))[0] is qm._gemv_kernel
+    for launch in ({"PDL": True}, {}):
+        consts = qm._plan(2, 24, 256, 32, 4, 4, 64, torch.float32, torch.device(DEVICE), True, False,
+                          tuple(sorted({**swap, **launch}.items())))[-1]
+        assert consts.get("PDL", False) is (bool(launch) and (qm.INTERPRET or qm.pdl.capable(torch.device(DEVICE))))
     assert torch.equal(quant_matmul(x, w, s, z, 4, 64, config=swap), quant_matmul(x, w, s, z, 4, 64))
     x, w, s, z = quant_case(2, 24, 256, 4, 8, False, torch.float16, seed=2)
     assert torch.equal(quant_matmul(x, w, s, z, 4, 8, config=swap), quant_matmul(x, w, s, z, 4, 8))
