@@ -7,7 +7,8 @@
 # For the INT4 2.5x target, not yet timed: the swap kernel (KERNEL swap), the GEMV's deeper loads (STAGES,
 # PREFETCH) and programmatic dependent launches (PDL). GPU_PARTS=sweep GPU_SWEEP_S=200 GPU_SWEEP_ARGS="--grid next"
 # first (56 configs, each plain and PDL, each checked against the reference before it is timed), then
-# GPU_PARTS=tests on the same warm machine (the unit tests with the PTX paths, PDL chains in CUDA graphs).
+# GPU_PARTS=tests on the same warm machine (the unit tests with the PTX paths, PDL chains in CUDA graphs),
+# then GPU_PARTS=runtime if 4 minutes remain (the demo-shaped W4 engine plain and with every matmul PDL).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
