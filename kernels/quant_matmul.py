@@ -938,8 +938,8 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         if "KERNEL" not in override:
             cfg.pop("KERNEL", None)
         cfg.update(override)
-    if pdl_launch is not None:  # quant_matmul's pdl=: over the config's and the table's
-        cfg["PDL"] = pdl_launch
+    # a launch property, not a tile: kept whichever kernel and tiles the plan ends with
+    launch_pdl = cfg.get("PDL", False) if pdl_launch is None else pdl_launch  # quant_matmul's pdl= over the config's
     kernel = tuned.kernel_for(M, cfg)
     if kernel is None:
         raise ValueError(f"KERNEL {cfg['KERNEL']!r}: 'mma', 'swap', or 'gemv' for up to 4 rows")
@@ -948,7 +948,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
             raise ValueError(f"KERNEL 'swap' takes 4-bit weights, not {bits}")
         swap_bk = swap_tile_k(cfg["BK"], group, per_channel)
         if dtype == torch.float32 or swap_bk is None:  # float32 inputs, or groups under 16 values: the heuristic's
-            cfg = {**pick_config(M, N, K, group, device, bits), "PDL": cfg.get("PDL", False)}  # launched as asked
+            cfg = pick_config(M, N, K, group, device, bits)
             kernel = tuned.kernel_for(M, cfg)
         else:
             cfg = {**cfg, "BK": swap_bk}
@@ -966,9 +966,9 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm, BN=bn,
                   BK=cfg["BK"],
                   SPLIT_K=split, num_warps=cfg["num_warps"])
-    if cfg.get("PDL") and pdl.capable(device):  # before sm_90 and on other GPUs a plain launch
+    if launch_pdl and pdl.capable(device):  # before sm_90 and on other GPUs a plain launch
         consts.update(PDL=True, launch_pdl=True)
-    elif cfg.get("PDL") and INTERPRET:  # PDL's loops without the waits (nothing runs concurrently there)
+    elif launch_pdl and INTERPRET:  # PDL's loops without the waits (nothing runs concurrently there)
         consts["PDL"] = True
     if gemv:
         prefetch, stages = cfg.get("PREFETCH", 1), cfg.get("STAGES", 0)

@@ -266,27 +266,30 @@ def sweep(problem: Problem, M: int, dtype: torch.dtype, configs: list[dict], cop
     return rows
 
 
+def _config(row: dict) -> dict:
+    """The config of a sweep row (its table keys, without the time and error)."""
+    from inferkit.kernels import tuned
+
+    return {k: row[k] for k in tuned.TILE + tuned.OPTIONAL if k in row}
+
+
 def pdl_variants(rows: list[dict], top: int = PDL_TOP) -> list[dict]:
     """The ``top`` fastest correct plain configs of a sweep, each as a programmatic dependent
     launch (``PDL``), to time after them: back to back, each call then starts during the one
     before it."""
-    from inferkit.kernels import tuned
-
     timed = sorted((r for r in rows if r["us"] is not None and not r.get("PDL")), key=lambda r: r["us"])
-    return [{**{k: r[k] for k in tuned.TILE + tuned.OPTIONAL if k in r}, "PDL": True} for r in timed[:top]]
+    return [{**_config(r), "PDL": True} for r in timed[:top]]
 
 
 def best_entry(problem: Problem, M: int, rows: list[dict]) -> dict | None:
     """The table entry for the fastest correct config (``heuristic_us``: the heuristic's time;
     ``plain_us``, when a PDL launch is the fastest: the fastest plain launch's)."""
-    from inferkit.kernels import tuned
-
     timed = [r for r in rows if r["us"] is not None]
     if not timed:
         return None
     best = min(timed, key=lambda r: r["us"])
     entry = {"bits": problem.bits, "group": problem.group, "K": problem.K, "N": problem.N, "M": M,
-             **{k: best[k] for k in tuned.TILE + tuned.OPTIONAL if k in best},
+             **_config(best),
              "us": round(best["us"], 2)}
     if rows[0]["us"] is not None:  # candidates() puts the heuristic's config first
         entry["heuristic_us"] = round(rows[0]["us"], 2)
