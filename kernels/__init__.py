@@ -8,3 +8,9 @@ launch between them on sm_90 (``pdl``), and an offline sm_90 compile-and-inspect
 Imported lazily by the runtime when a Triton backend is chosen (CUDA, or the CPU interpreter
 with ``TRITON_INTERPRET=1``); nothing here is needed by the PyTorch backends.
 """
+
+# Multiply-add contraction, stated at every launch as the GPU measurements had it (Triton's default
+# through 3.9): Triton 3.9 warns once per process when a launch leaves it unset, and 3.10 turns it
+# off by default. The hot loops write their multiply-adds out (``tl.fma``) and are checked compiled
+# without contraction (tests/unit/test_kernels_sm90.py); the RoPE kernel turns it off (``fused``).
+FP_FUSION = {"enable_fp_fusion": True}

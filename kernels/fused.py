@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferkit.kernels import pdl
+from inferkit.kernels import FP_FUSION, pdl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -51,7 +51,7 @@ def _consts(kind: str, dtype: torch.dtype, *sizes: int) -> dict:
     by_hand = INTERPRET and dtype == torch.bfloat16
     if kind == "norm":
         block = triton.next_power_of_2(sizes[0])
-        return dict(BLOCK=block, BY_HAND=by_hand, num_warps=min(16, max(1, block // 256)))
+        return dict(BLOCK=block, BY_HAND=by_hand, num_warps=min(16, max(1, block // 256)), **FP_FUSION)
     if kind == "rope":
         num_heads, num_kv, head_dim = sizes
         # 8 heads of 128 per program at most (register use does not grow with the model's heads)
@@ -60,7 +60,7 @@ def _consts(kind: str, dtype: torch.dtype, *sizes: int) -> dict:
         return dict(NUM_HEADS=num_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, D_PAD=d_pad,
                     HEADS_PER_PROGRAM=per_program, BY_HAND=by_hand, num_warps=4,
                     enable_fp_fusion=False)  # no multiply-add contraction: float32 rounds each product, as PyTorch
-    return dict(BLOCK=min(1024, triton.next_power_of_2(sizes[0])), BY_HAND=by_hand, num_warps=4)
+    return dict(BLOCK=min(1024, triton.next_power_of_2(sizes[0])), BY_HAND=by_hand, num_warps=4, **FP_FUSION)
 
 
 @triton.jit

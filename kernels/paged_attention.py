@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferkit.kernels import pdl
+from inferkit.kernels import FP_FUSION, pdl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -156,7 +156,8 @@ def _constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
     consts = dict(GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=d_pad,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n,
-                  IEEE=dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16), num_warps=4, num_stages=2)
+                  IEEE=dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16), num_warps=4, num_stages=2,
+                  **FP_FUSION)
     return block_n, consts
 
 
@@ -199,7 +200,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _merge_kernel[(batch, num_heads)](
             part, ml, out, splits, *s_p, *s_m, o_b, o_h,
             S_PAD=max(2, 1 << (splits - 1).bit_length()), HEAD_DIM=head_dim, D_PAD=consts["D_PAD"], SIGNAL=signal,
-            num_warps=4,
+            num_warps=4, **FP_FUSION,
         )
     return out
 
@@ -293,7 +294,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, GROUP_PAD=1 << (group - 1).bit_length(), HEAD_DIM=head_dim,
         D_PAD=max(16, 1 << (head_dim - 1).bit_length()), BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16), SIGNAL=pdl.capable(q.device),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **FP_FUSION,
     )
     return out
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferkit.kernels import pdl, tuned
+from inferkit.kernels import FP_FUSION, pdl, tuned
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PTX = not INTERPRET and torch.version.hip is None  # inline PTX (_field's lop3): NVIDIA GPUs, compiled
@@ -965,7 +965,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         split, counters = 1, None
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=has_zp, PER_CHANNEL=per_channel, HAS_BIAS=has_bias, BM=bm, BN=bn,
                   BK=cfg["BK"],
-                  SPLIT_K=split, num_warps=cfg["num_warps"])
+                  SPLIT_K=split, num_warps=cfg["num_warps"], **FP_FUSION)
     if launch_pdl and pdl.capable(device):  # before sm_90 and on other GPUs a plain launch
         consts.update(PDL=True, launch_pdl=True)
     elif launch_pdl and INTERPRET:  # PDL's loops without the waits (nothing runs concurrently there)

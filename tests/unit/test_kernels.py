@@ -779,6 +779,34 @@ def test_runtime_pdl_option_launches_every_quantized_matmul_for_pdl(w4_mixed_art
         LLM(w4_mixed_artifact, device=DEVICE, pdl=1)
 
 
+def test_every_kernel_launch_states_its_multiply_add_contraction(w4_mixed_artifact, monkeypatch):
+    """Each Triton launch of a generation (prefill and decode, both matmul kernels, attention, the
+    element-wise kernels) passes ``enable_fp_fusion`` itself: on as measured on the GPUs, off in
+    the RoPE kernel (PyTorch's rounding). Left unset, Triton 3.9 warns and 3.10 turns it off."""
+    from inferkit.kernels import quant_matmul as qm
+    from inferkit.runtime import LLM, SamplingParams
+
+    launches = []
+    kind = type(qm._gemv_kernel)  # JITFunction, or InterpretedFunction under the interpreter
+    real_run = kind.run
+
+    def run(self, *args, **kwargs):
+        launches.append((self.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "run", run)
+    llm = LLM(w4_mixed_artifact, device=DEVICE, linear_backend="triton", attention_backend="triton", block_size=8,
+              cuda_graphs=False)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate(PROMPTS, greedy)  # 3-row decode steps: the MMA kernel
+    llm.generate(PROMPTS[:1], greedy)  # 1 row: the GEMV
+    fusion = dict(launches)
+    assert {"_gemv_kernel", "_mma_kernel", "_decode_split_kernel", "_prefill_kernel", "_rms_norm_kernel",
+            "_rope_store_kernel", "_silu_mul_kernel"} <= set(fusion)
+    assert {name for name, on in launches if on is not True} == {"_rope_store_kernel"}
+    assert {on for name, on in launches if name == "_rope_store_kernel"} == {False}
+
+
 def test_serve_test_pdl_flag_reaches_the_engine_and_the_report(w4_mixed_artifact, tmp_path):
     """serve-test --pdl: the option in the report's config, whether the GPU ran PDL launches
     (``pdl_launches``: only on sm_90+), and the summary's row saying which."""
