@@ -19,7 +19,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-PTX = not INTERPRET and torch.version.hip is None
+PTX = not INTERPRET and torch.version.hip is None  # compiled for an NVIDIA GPU (quant_matmul's inline PTX too)
 _GDC = tl.constexpr(PTX)  # griddepcontrol: compiled only
 _CAPABLE: dict = {}
 

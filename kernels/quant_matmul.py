@@ -33,7 +33,6 @@ split writes a float32 partial, and the last split of a tile adds them in split 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
@@ -42,8 +41,8 @@ import triton.language as tl
 
 from inferkit.kernels import FP_FUSION, pdl, tuned
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-PTX = not INTERPRET and torch.version.hip is None  # inline PTX (_field's lop3): NVIDIA GPUs, compiled
+INTERPRET = pdl.INTERPRET
+PTX = pdl.PTX  # inline PTX (_field's lop3, the swap kernel's prmt): NVIDIA GPUs, compiled
 
 
 @triton.jit
