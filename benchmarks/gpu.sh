@@ -34,7 +34,7 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; e2e for 2b, sweep for 2c; add tune, profile, steps for 4-6
+PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; e2e for 2b, sweep for 2c, chain for 2d; add tune, profile, steps for 4-6
 # 1. Tests: every kernel against its reference (compiled, not interpreted), the runtime on CUDA.
 if [[ $PARTS == *tests* ]]; then
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"
@@ -66,6 +66,13 @@ if [[ $PARTS == *sweep* ]]; then
     --budget-s ${GPU_SWEEP_S:-210} ${GPU_SWEEP_ARGS:-} 2>&1 \
     | tee "$OUT/int4_sweep.log"
   echo "[sweep done at ${SECONDS}s]"
+fi
+# 2d. (Only when GPU_PARTS names it.) A decode step's MLP block at batch 1 on Llama-3-8B's shapes
+#     (RMSNorm then the 4096x14336 matmul; norm, gate/up, SiLU, down): bf16 against INT4 launched
+#     plain and as PDL, after the kernels that really precede the matmuls, not the same matmul.
+if [[ $PARTS == *chain* ]]; then
+  timeout 120 python benchmarks/gpu_pdl_chain.py --out "$OUT/pdl_chain.json" 2>&1 | tee "$OUT/pdl_chain.log"
+  echo "[chain done at ${SECONDS}s]"
 fi
 # 3. The runtime on the demo's shape (fp32, bf16, W4, W4 with every matmul a PDL launch, W8): the
 #    issue-4 benchmark, now on the Triton kernels.

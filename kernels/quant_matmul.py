@@ -904,6 +904,14 @@ def swap_tile_k(BK: int, group: int, per_channel: bool) -> int | None:
     return bk if bk >= 16 else None
 
 
+def swap_one_dot(requested: bool, BK: int) -> bool:
+    """Whether the swap kernel joins its [BN, BK] tile for one dot (``ONE_DOT``) as ``requested``.
+    A dot per value position is BK / 8 deep, and the tensor cores take 16 at least: under 128
+    values per K tile (groups of 32 or 64) the compiler rejects it ("K >= 16", seen on an H100;
+    the interpreter runs it), so those take the joined tile, BK deep."""
+    return requested or BK // 8 < 16
+
+
 def mma_one_dot(requested: bool, BM: int, BN: int, BK: int, num_warps: int, per_channel: bool, group: int) -> bool:
     """Whether the MMA kernel joins a tile for one dot (``ONE_DOT``) as ``requested``. Triton 3.6
     and 3.9 alike fail to compile the joined tile ("Illegal shared layout") at 64-row tiles with one
@@ -983,7 +991,7 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         if stages not in tuned.SWAP_STAGES:
             raise ValueError(f"STAGES {stages!r}: the swap kernel's loop takes 1-5 stages")
         return _swap_kernel, (tiles_n, tiles_m, split), split, counters, {
-            **consts, "ONE_DOT": cfg.get("ONE_DOT", True), "EVEN_K": K % cfg["BK"] == 0, "ASM": PTX,
+            **consts, "ONE_DOT": swap_one_dot(cfg.get("ONE_DOT", True), cfg["BK"]), "EVEN_K": K % cfg["BK"] == 0, "ASM": PTX,
             "num_stages": stages}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     stages = cfg.get("STAGES", 2)

@@ -133,14 +133,15 @@ def quant_matmul_kernel(M: int, bits: int = 4, group: int = 128, BN: int = 128, 
     the swap kernel (``KERNEL: swap``), with ``one_dot`` its ONE_DOT; ``pdl``: launched as a
     programmatic dependent launch (``PDL``)."""
     from inferkit.kernels.quant_matmul import (_gemv_kernel, _mma_kernel, _swap_kernel, field_lop3, gemv_options,
-                                               mma_one_dot, swap_tile_k)
+                                               mma_one_dot, swap_one_dot, swap_tile_k)
 
     consts = dict(BITS=bits, GROUP=group, HAS_ZP=zero_points, PER_CHANNEL=False, HAS_BIAS=False, BN=BN, BK=BK,
                   SPLIT_K=split, PDL=pdl)
     if swap:
         consts["BK"] = swap_tile_k(BK, group, False)
         return compile_for(_swap_kernel, GEMV_SIG, {**consts, "BM": 16 if M <= 16 else 32 if M <= 32 else 64,
-                                                    "ONE_DOT": one_dot, "EVEN_K": even_k, "ASM": True},
+                                                    "ONE_DOT": swap_one_dot(one_dot, consts["BK"]), "EVEN_K": even_k,
+                                                    "ASM": True},
                            num_warps=num_warps, num_stages=stages or 1, divisible=GEMV_DIVISIBLE)
     if M <= 4:
         options = gemv_options(M, bits, BN, BK, num_warps, zero_points, False, group, even_k, ptx=True,

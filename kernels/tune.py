@@ -99,7 +99,7 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
     one tiny config per kernel. INT4 whose groups hold a K tile of 16 values or more
     (``swap_tile_k``) also tries the swap kernel (``KERNEL: swap``), in every grid."""
     from inferkit.kernels import tuned
-    from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config, swap_tile_k
+    from inferkit.kernels.quant_matmul import gemv_tile_k, pick_config, swap_one_dot, swap_tile_k
 
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
@@ -156,8 +156,9 @@ def candidates(M: int, N: int, K: int, group: int, bits: int, device: torch.devi
         if grid == "quick":
             shapes += [("swap", 128, 4, True, (1, 4, 8)), ("swap", 256, 8, True, (4, 8))]
         else:
+            # a dot per value position only where it is 16 deep (swap_one_dot: else the joined tile again)
             shapes += [("swap", bn, w, v, (1, 2, 4, 8, 16)) for bn, w in [(64, 4), (128, 4), (256, 8), (256, 4)]
-                       for v in (True, False)]
+                       for v in (True, False) if swap_one_dot(v, swap_bk) is v]
     out = [dict(picked)]
     if M == 1 and tuned.kernel_for(M, picked) == "gemv":  # the heuristic's tiles without the register cap
         out.append({**picked, "REG_CAP": 0})

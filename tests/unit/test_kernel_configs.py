@@ -165,6 +165,29 @@ def test_packaged_tables_are_valid_and_named_after_their_gpu():
         assert path.stem == tuned.slug(device) and entries
 
 
+def test_pdl_chain_script_checks_its_chains(tmp_path):
+    """benchmarks/gpu_pdl_chain.py (``GPU_PARTS=chain``) on the CPU (the interpreter, a 256/512
+    model): the INT4 chains give the same bits launched plain and as PDL, near the bf16 chain on
+    the weights they stand for, and every chain is timed into the JSON."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "chain.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_pdl_chain.py"), "--out", str(out)],
+                         capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("INT4 = INT4 as PDL") == 2
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu (check)" and (results["hidden"], results["intermediate"]) == (256, 512)
+    assert set(results["chains"]) == {"norm+up", "mlp"}
+    for row in results["chains"].values():
+        assert all(row[k] > 0 for k in ("bf16_us", "int4_us", "int4_pdl_us"))
+        assert row["int4_pdl_speedup"] == round(row["bf16_us"] / row["int4_pdl_us"], 3)
+
+
 @pytest.mark.parametrize("grid", ["swap", "prefetch", "next"])
 def test_int4_sweep_script_checks_each_config_and_names_the_fastest(tmp_path, grid):
     """benchmarks/gpu_int4_sweep.py (``GPU_PARTS=sweep``) runs only when a GPU is lent: on the CPU

@@ -270,12 +270,16 @@ def test_quant_matmul_random_configs_match_reference():
     (17, 256, 32, True, torch.bfloat16, dict(BN=64, SPLIT_K=2, num_warps=4, STAGES=2)),
     (40, 200, None, True, torch.float16, dict(BN=32, SPLIT_K=3, num_warps=4)),  # per channel, K a partial tile
     (5, 576, 64, False, torch.bfloat16, dict(BN=16, SPLIT_K=2, num_warps=1, ONE_DOT=False)),  # the demo's K
-], ids=["m1-g128", "m3-g64-zp-per-value", "m17-g32-zp", "m40-channel-k200", "m5-g64-k576"])
+    (3, 640, 128, True, torch.float16, dict(BN=32, SPLIT_K=2, num_warps=4, ONE_DOT=False)),  # K: 5 tiles
+    (20, 448, None, False, torch.bfloat16, dict(BN=64, SPLIT_K=1, num_warps=4, ONE_DOT=False)),  # K: 3.5 tiles
+], ids=["m1-g128", "m3-g64-zp-per-value", "m17-g32-zp", "m40-channel-k200", "m5-g64-k576", "m3-g128-zp-per-value",
+        "m20-channel-per-value"])
 def test_swap_kernel_matches_reference(M, K, group, asym, dtype, cfg):
     """The swap kernel (KERNEL swap: weights as the dot's first operand, value-major K, the scale
     on each tile's product) against the float64 reference, with a bias, over row tiles of 16-64,
     groups of 32-128 and per channel, zero points, split K and a K that ends inside a tile. Its
-    K tile is clamped into one group (BK 128 asked, 64 or 32 taken)."""
+    K tile is clamped into one group (BK 128 asked, 64 or 32 taken); a dot per value position,
+    BK / 8 deep, only at K tiles of 128 (the tensor cores' 16 deep), else the joined tile."""
     from inferkit.kernels import quant_matmul as qm
 
     x, w, s, z = quant_case(M, 48, K, 4, group, asym, dtype, seed=M + K)
@@ -286,6 +290,7 @@ def test_swap_kernel_matches_reference(M, K, group, asym, dtype, cfg):
     assert kernel is qm._swap_kernel and consts["BK"] == min(128, group or 128)
     assert consts["BM"] == (16 if M <= 16 else 32 if M <= 32 else 64) and grid == (-(-48 // cfg["BN"]), -(-M // consts["BM"]), split)
     assert consts["EVEN_K"] is (K % consts["BK"] == 0) and consts["num_stages"] == cfg.get("STAGES", 1)
+    assert consts["ONE_DOT"] is (cfg.get("ONE_DOT", True) or consts["BK"] < 128)
     out = quant_matmul(x, w, s, z, 4, group, bias=bias, config=config)
     assert out.dtype == dtype and out.shape == (M, 48)
     ref = reference_quant_matmul(x, w, s, z, 4, group).cpu() + bias.double().cpu()
@@ -624,15 +629,15 @@ def test_gemv_loading_tiles_further_ahead_gives_the_same_bits(M, group, asym, K,
         quant_matmul(x8, w, s, z, 4, group, config={**mma, "STAGES": 0})
 
 
-@pytest.mark.parametrize("M,cfg", [
-    (1, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2)),  # K 576 in splits of 3, 3, 3 and 0 tiles
-    (2, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2, PREFETCH=3)),
-    (1, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2, STAGES=3)),
-    (1, dict(BN=32, BK=64, SPLIT_K=4, num_warps=4, KERNEL="swap")),
-    (3, dict(BN=32, BK=64, SPLIT_K=1, num_warps=4, KERNEL="swap", ONE_DOT=False)),  # 9 tiles, one split
-    (3, dict(BN=32, BK=128, SPLIT_K=2, num_warps=4, KERNEL="mma")),
+@pytest.mark.parametrize("M,group,cfg", [
+    (1, 64, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2)),  # K 576 in splits of 3, 3, 3 and 0 tiles
+    (2, 64, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2, PREFETCH=3)),
+    (1, 64, dict(BN=32, BK=64, SPLIT_K=4, num_warps=2, STAGES=3)),
+    (1, 64, dict(BN=32, BK=64, SPLIT_K=4, num_warps=4, KERNEL="swap")),
+    (3, None, dict(BN=32, BK=128, SPLIT_K=1, num_warps=4, KERNEL="swap", ONE_DOT=False)),  # per channel: 4.5 tiles, one split
+    (3, 64, dict(BN=32, BK=128, SPLIT_K=2, num_warps=4, KERNEL="mma")),
 ], ids=["gemv", "gemv-3ahead", "gemv-stages", "swap", "swap-per-value", "mma"])
-def test_pdl_moves_the_wait_not_the_numbers(M, cfg):
+def test_pdl_moves_the_wait_not_the_numbers(M, group, cfg):
     """PDL (a programmatic dependent launch) loads the first tiles' words before waiting for the
     kernel before, which takes the swap kernel's first tile out of its loop: the same bits as a
     plain launch, a split with no tiles included. The interpreter runs PDL's loops without the
@@ -640,26 +645,26 @@ def test_pdl_moves_the_wait_not_the_numbers(M, cfg):
     launches in CUDA graphs on a GPU (tests/gpu)."""
     from inferkit.kernels import quant_matmul as qm
 
-    x, w, s, z = quant_case(M, 40, 576, 4, 64, True, torch.bfloat16, seed=11)
-    plain = quant_matmul(x, w, s, z, 4, 64, config=cfg)
-    assert rel_err(plain, reference_quant_matmul(x, w, s, z, 4, 64)) < TOL[torch.bfloat16]
-    assert torch.equal(quant_matmul(x, w, s, z, 4, 64, config={**cfg, "PDL": True}), plain)
-    consts = qm._plan(M, 40, 576, 72, 9, 4, 64, x.dtype, x.device, True, False,
+    x, w, s, z = quant_case(M, 40, 576, 4, group, True, torch.bfloat16, seed=11)
+    plain = quant_matmul(x, w, s, z, 4, group, config=cfg)
+    assert rel_err(plain, reference_quant_matmul(x, w, s, z, 4, group)) < TOL[torch.bfloat16]
+    assert torch.equal(quant_matmul(x, w, s, z, 4, group, config={**cfg, "PDL": True}), plain)
+    consts = qm._plan(M, 40, 576, 72, s.shape[1], 4, group, x.dtype, x.device, True, False,
                       tuple(sorted({**cfg, "PDL": True}.items())))[-1]
     hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
     assert consts["PDL"] is (hopper or qm.INTERPRET) and consts.get("launch_pdl", False) is hopper
-    assert "PDL" not in qm._plan(M, 40, 576, 72, 9, 4, 64, x.dtype, x.device, True, False,
+    assert "PDL" not in qm._plan(M, 40, 576, 72, s.shape[1], 4, group, x.dtype, x.device, True, False,
                                  tuple(sorted(cfg.items())))[-1]
     with pytest.raises(ValueError, match="PDL 1: true or false"):
-        quant_matmul(x, w, s, z, 4, 64, config={**cfg, "PDL": 1})
+        quant_matmul(x, w, s, z, 4, group, config={**cfg, "PDL": 1})
     # pdl= (the runtime's option) over the config's: the config's tiles and kernel, launched for PDL or not
-    plan = lambda c, launch: qm._plan(M, 40, 576, 72, 9, 4, 64, x.dtype, x.device, True, False,  # noqa: E731
+    plan = lambda c, launch: qm._plan(M, 40, 576, 72, s.shape[1], 4, group, x.dtype, x.device, True, False,  # noqa: E731
                                       tuple(sorted(c.items())), launch)
     assert plan(cfg, True)[-1] == consts and plan(cfg, True)[:2] == plan({**cfg, "PDL": True}, None)[:2]
     assert "PDL" not in plan({**cfg, "PDL": True}, False)[-1]
-    assert torch.equal(quant_matmul(x, w, s, z, 4, 64, config=cfg, pdl=True), plain)
+    assert torch.equal(quant_matmul(x, w, s, z, 4, group, config=cfg, pdl=True), plain)
     with pytest.raises(ValueError, match="pdl 1: True, False or None"):
-        quant_matmul(x, w, s, z, 4, 64, config=cfg, pdl=1)
+        quant_matmul(x, w, s, z, 4, group, config=cfg, pdl=1)
 
 
 def test_one_lop3_per_value_where_ptx_runs():

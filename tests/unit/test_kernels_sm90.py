@@ -163,6 +163,31 @@ def test_64_row_mma_tiles_compile_as_launched():
     assert proc.stdout.count("compiled") == len(MMA_64_ROW_TILES)
 
 
+SWAP_TILES = [  # (rows, group, BN, BK asked, num_warps, ONE_DOT asked, ONE_DOT launched): the K tile is the group's
+    (3, 64, 16, 128, 4, False, True), (5, 64, 16, 128, 1, False, True), (3, 32, 32, 128, 4, False, True),
+    (3, 128, 32, 128, 4, False, False), (20, 128, 64, 128, 4, False, False), (40, 64, 64, 128, 4, True, True),
+]
+
+
+def test_swap_tiles_compile_as_launched():
+    """A dot per value position is BK / 8 deep and the tensor cores take 16 at least: the compiler
+    rejects it under K tiles of 128 (groups of 32 and 64; an H100 run found it, the interpreter
+    runs it), so quant_matmul launches those with the joined tile (``swap_one_dot``). Each of
+    the swap kernel's tiles here, as the unit tests launch them, compiles as launched."""
+    from inferkit.kernels.quant_matmul import swap_one_dot, swap_tile_k
+
+    for _, group, _, bk, _, asked, joined in SWAP_TILES:
+        assert swap_one_dot(asked, swap_tile_k(bk, group, False)) is joined
+    script = ("import json, sys\nfrom inferkit.kernels.sass import quant_matmul_kernel\n"
+              "for rows, group, bn, bk, warps, one_dot, _ in json.loads(sys.argv[1]):\n"
+              "    quant_matmul_kernel(rows, 4, group, bn, bk, split=2, num_warps=warps, one_dot=one_dot, swap=True)\n"
+              "    print('compiled', rows, group, bn, one_dot, flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(SWAP_TILES)], capture_output=True, text=True,
+                          env=compile_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("compiled") == len(SWAP_TILES)
+
+
 PDL_CASES = [  # (rows, quant_matmul_kernel options, 16-byte word loads per thread before the wait)
     (1, dict(BN=64, num_warps=2, split=4), 4),  # the H100 table's decode tile: one tile of words
     (1, dict(BN=64, num_warps=2, split=4, prefetch=3), 12),  # the 3 tiles PREFETCH loads ahead

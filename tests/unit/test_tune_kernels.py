@@ -191,6 +191,9 @@ def test_candidate_grids():
     assert sorted((c["BN"], c["num_warps"], c["SPLIT_K"]) for c in quick if c.get("KERNEL") == "swap") == \
         [(128, 4, 1), (128, 4, 4), (128, 4, 8), (256, 8, 4), (256, 8, 8)]
     assert len([c for c in full if c.get("KERNEL") == "swap"]) == 4 * 2 * 5  # tiles x (joined, per value) x splits
+    # groups of 64: a K tile of 64, 8 deep per value position, under the tensor cores' 16: joined only
+    g64 = [c for c in tune.candidates(1, 14336, 4096, 64, 4, dev, "full") if c.get("KERNEL") == "swap"]
+    assert len(g64) == 4 * 5 and all(c["ONE_DOT"] and c["BK"] == 64 for c in g64)
     for keys in ({"PREFETCH": 2}, {"STAGES": 4}):
         assert sorted((c["BN"], c["num_warps"], c["SPLIT_K"]) for c in quick if keys.items() <= c.items()) == \
             [(64, 4, 4), (64, 4, 8), (128, 8, 4), (128, 8, 8)]
