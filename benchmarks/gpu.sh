@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks, run on the lent GPU machine from the repo root (about 5 minutes on an H100; the
-# quick grid's new GEMV/MMA loops add about 36 timings to part 2, not yet timed):
+# quick grid's GEMV/MMA loops add about 36 timings to part 2, whose length is not yet measured):
 #   benchmarks/gpu.sh --prepare   # here, once: wheels for pytest, the demo's config/tokenizer and the
 #                                 # baseline revision's INT4 kernel (GPU_BASELINE_REV, default dc815a0) into .gpu/
 #   benchmarks/gpu.sh             # there: kernel and runtime tests, kernel benchmarks, end-to-end decode → $OUT
-# For the INT4 2.5x target, not yet timed: the swap kernel (KERNEL swap), the GEMV's deeper loads (STAGES,
-# PREFETCH) and programmatic dependent launches (PDL). GPU_PARTS=sweep GPU_SWEEP_S=200 GPU_SWEEP_ARGS="--grid next"
-# first (56 configs, each plain and PDL, each checked against the reference before it is timed), then
-# GPU_PARTS=tests on the same warm machine (the unit tests with the PTX paths, PDL chains in CUDA graphs),
-# then GPU_PARTS=runtime if 4 minutes remain (the demo-shaped W4 engine plain and with every matmul PDL).
+# The INT4 2.5x target (H100, 2026-11-27): GPU_PARTS=sweep GPU_SWEEP_S=200 GPU_SWEEP_ARGS="--grid next" (56
+# configs, each plain and PDL, each checked against the reference before it is timed; 54 s) gave 2.62x as a
+# programmatic dependent launch, 2.39x plain; GPU_PARTS=chain (30 s) the same matmul after an RMSNorm and a
+# whole MLP block, plain, PDL and as launched by default; GPU_PARTS=tests 105 s, runtime 137 s, e2e 73 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
@@ -34,7 +33,7 @@ if ! python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null; t
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-PARTS=${GPU_PARTS:-tests,kernels,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; e2e for 2b, sweep for 2c, chain for 2d; add tune, profile, steps for 4-6
+PARTS=${GPU_PARTS:-tests,kernels,chain,runtime}  # e.g. GPU_PARTS=kernels for the benchmarks alone; e2e for 2b, sweep for 2c, chain for 2d; add tune, profile, steps for 4-6
 # 1. Tests: every kernel against its reference (compiled, not interpreted), the runtime on CUDA.
 if [[ $PARTS == *tests* ]]; then
   xdist=""; python -c "import xdist" 2>/dev/null && xdist="-n 8"

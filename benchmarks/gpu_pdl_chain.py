@@ -7,12 +7,14 @@ RMSNorm or the SiLU-and-multiply kernel (both signal their dependents at their s
 times, graph-replayed with the weights cycled past L2 (``kernels.tune.time_call``), on
 Llama-3-8B's shapes (hidden 4096, intermediate 14336, INT4 g128 symmetric, bf16):
 
-- ``norm+up``: RMSNorm, then the issue's 4096x14336 matmul;
+- ``up``: the issue's 4096x14336 matmul alone, back to back (as the sweep times it);
+- ``norm+up``: RMSNorm, then that matmul;
 - ``mlp``: RMSNorm (adding the residual), the joined gate/up matmul (4096x28672), SiLU-and-multiply,
   the down matmul (14336x4096), as ``inferkit.runtime`` runs a layer's MLP;
 
-each with bf16 ``torch.matmul``, INT4 plain launches and INT4 PDL launches (tiles: the GPU's
-table, else the heuristic). The log's last lines give the INT4 speedups over bf16.
+each with bf16 ``torch.matmul``, INT4 plain launches, INT4 PDL launches (tiles: the GPU's
+table, else the heuristic) and INT4 as ``quant_matmul`` launches it by default (the table's
+``PDL`` too). The log's last lines give the INT4 speedups over bf16.
 
     python benchmarks/gpu_pdl_chain.py --out bench_out/pdl_chain.json
 
@@ -77,6 +79,8 @@ def main() -> None:
             mm = lambda x, w, s: quant_matmul(x, w, s, None, 4, group, pdl=pdl)  # noqa: E731
         else:
             mm = lambda x, w: torch.matmul(x, w.T)  # noqa: E731
+        if name == "up":
+            return lambda i: lambda: mm(h, *ups[i % len(ups)])
         if name == "norm+up":
             return lambda i: lambda: mm(rms_norm(h, norm_w, 1e-5), *ups[i % len(ups)])
 
@@ -86,30 +90,32 @@ def main() -> None:
             return mm(silu_mul(mm(rms_norm(h.clone(), norm_w, 1e-5, residual), *gu)), *dn)
         return lambda i: lambda: mlp(mlps[i % len(mlps)])
 
-    # the INT4 chains' numbers first: the same bits PDL or not, and near the bf16 chain on the
+    # the INT4 chains' numbers first: the same bits PDL or not (or as the table says), and near the bf16 chain on the
     # weights they stand for
-    for name in ("norm+up", "mlp"):
+    for name in ("up", "norm+up", "mlp"):
         want = chain(name, False, False)(0)().float()
-        plain, pdl = (chain(name, True, p)(0)().float() for p in (False, True))
-        assert torch.equal(plain, pdl), f"{name}: PDL changed the numbers"
+        plain, pdl, default = (chain(name, True, p)(0)().float() for p in (False, True, None))
+        assert torch.equal(plain, pdl) and torch.equal(plain, default), f"{name}: PDL changed the numbers"
         err = ((plain - want).norm() / want.norm()).item()
         assert err < 2e-2, f"{name}: INT4 chain off the bf16 chain by {err:.3g}"
         print(f"{name}: INT4 = INT4 as PDL, {err:.2e} off bf16", flush=True)
 
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu (check)", "hidden": H, "intermediate": inter,
                "group": group, "chains": {}}
-    for name, nbytes in (("norm+up", up_bytes), ("mlp", mlp_bytes)):
+    for name, nbytes in (("up", up_bytes), ("norm+up", up_bytes), ("mlp", mlp_bytes)):
         row = {}
         for label, int4, pdl, b in (("bf16", False, False, 2 * nbytes), ("int4", True, False, nbytes // 2),
-                                    ("int4_pdl", True, True, nbytes // 2)):
+                                    ("int4_pdl", True, True, nbytes // 2), ("int4_default", True, None, nbytes // 2)):
             us = tune.time_call(chain(name, int4, pdl), b, dev) * 1e6
             row[f"{label}_us"] = round(us, 2)
             print(f"{name} {label}: {us:.2f} us", flush=True)
         row["int4_speedup"] = round(row["bf16_us"] / row["int4_us"], 3)
         row["int4_pdl_speedup"] = round(row["bf16_us"] / row["int4_pdl_us"], 3)
+        row["int4_default_speedup"] = round(row["bf16_us"] / row["int4_default_us"], 3)
         results["chains"][name] = row
         print(f"{name}: INT4 {row['int4_speedup']:.2f}x bf16 plain, {row['int4_pdl_speedup']:.2f}x as PDL launches "
-              f"(PDL {row['int4_pdl_us'] - row['int4_us']:+.2f} us)", flush=True)
+              f"(PDL {row['int4_pdl_us'] - row['int4_us']:+.2f} us); as quant_matmul launches it by default (the "
+              f"GPU's table, else the heuristic) {row['int4_default_speedup']:.2f}x", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

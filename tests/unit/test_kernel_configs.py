@@ -179,12 +179,12 @@ def test_pdl_chain_script_checks_its_chains(tmp_path):
     run = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_pdl_chain.py"), "--out", str(out)],
                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("INT4 = INT4 as PDL") == 2
+    assert run.stdout.count("INT4 = INT4 as PDL") == 3
     results = json.loads(out.read_text())
     assert results["device"] == "cpu (check)" and (results["hidden"], results["intermediate"]) == (256, 512)
-    assert set(results["chains"]) == {"norm+up", "mlp"}
+    assert set(results["chains"]) == {"up", "norm+up", "mlp"}
     for row in results["chains"].values():
-        assert all(row[k] > 0 for k in ("bf16_us", "int4_us", "int4_pdl_us"))
+        assert all(row[k] > 0 for k in ("bf16_us", "int4_us", "int4_pdl_us", "int4_default_us"))
         assert row["int4_pdl_speedup"] == round(row["bf16_us"] / row["int4_pdl_us"], 3)
 
 

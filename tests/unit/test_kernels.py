@@ -466,7 +466,7 @@ def test_shipped_tables_are_served_for_their_gpu(monkeypatch):
             assert path.name == tuned.slug(device) + ".json" and entries
             for e in entries:
                 cfg = tuned.lookup(e["M"], e["N"], e["K"], e["group"], e["bits"], device)
-                assert cfg == {k: e[k] for k in ("BN", "BK", "SPLIT_K", "num_warps", "VEC_X", "ONE_DOT", "KERNEL") if k in e}
+                assert cfg == {k: e[k] for k in (*tuned.TILE, *tuned.OPTIONAL) if k in e}  # PDL included
                 assert tuned.lookup(e["M"], e["N"], e["K"], e["group"], e["bits"], "Some Other GPU") is None
                 G = 1 if e["group"] >= e["K"] else -(-e["K"] // e["group"])
                 kernel, *_ = qm._plan(e["M"], e["N"], e["K"], e["K"] * e["bits"] // 32, G, e["bits"], e["group"],
