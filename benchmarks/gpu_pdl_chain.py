@@ -65,15 +65,16 @@ def main() -> None:
         return [parts] + [tuple(t.clone() for t in parts) for _ in range(tune._l2_copies(nbytes) - 1)] if cuda \
             else [parts]
 
-    # the weights each chain reads (bytes decide the copies; INT4 scales are 1/64 of the codes' bytes)
+    # the weights each chain reads (bytes decide the copies; g128 scales add 1/32 to the codes' bytes)
     up_bytes, mlp_bytes = (inter * H, 3 * inter * H)
     weights = {
         "bf16": (copies((up_dense,), 2 * up_bytes), copies((gate_up_dense, down_dense), 2 * mlp_bytes)),
         "int4": (copies(up, up_bytes // 2), copies(gate_up + down, mlp_bytes // 2)),
     }
 
-    def chain(name: str, int4: bool, pdl: bool):
-        """make_call(i) for time_call: the chain on the i-th copy of its weights."""
+    def chain(name: str, int4: bool, pdl: bool | None):
+        """make_call(i) for time_call: the chain on the i-th copy of its weights; ``pdl`` None: as
+        quant_matmul launches by default (a table entry's ``PDL``, else plain)."""
         ups, mlps = weights["int4" if int4 else "bf16"]
         if int4:
             mm = lambda x, w, s: quant_matmul(x, w, s, None, 4, group, pdl=pdl)  # noqa: E731
@@ -90,8 +91,8 @@ def main() -> None:
             return mm(silu_mul(mm(rms_norm(h.clone(), norm_w, 1e-5, residual), *gu)), *dn)
         return lambda i: lambda: mlp(mlps[i % len(mlps)])
 
-    # the INT4 chains' numbers first: the same bits PDL or not (or as the table says), and near the bf16 chain on the
-    # weights they stand for
+    # the INT4 chains' numbers first: the same bits PDL or not (or as the table says), and near
+    # the bf16 chain on the weights they stand for
     for name in ("up", "norm+up", "mlp"):
         want = chain(name, False, False)(0)().float()
         plain, pdl, default = (chain(name, True, p)(0)().float() for p in (False, True, None))

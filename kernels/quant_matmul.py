@@ -991,8 +991,8 @@ def _plan(M: int, N: int, K: int, KW: int, G: int, bits: int, group_size: int | 
         if stages not in tuned.SWAP_STAGES:
             raise ValueError(f"STAGES {stages!r}: the swap kernel's loop takes 1-5 stages")
         return _swap_kernel, (tiles_n, tiles_m, split), split, counters, {
-            **consts, "ONE_DOT": swap_one_dot(cfg.get("ONE_DOT", True), cfg["BK"]), "EVEN_K": K % cfg["BK"] == 0, "ASM": PTX,
-            "num_stages": stages}
+            **consts, "ONE_DOT": swap_one_dot(cfg.get("ONE_DOT", True), cfg["BK"]), "EVEN_K": K % cfg["BK"] == 0,
+            "ASM": PTX, "num_stages": stages}
     one_dot = mma_one_dot(cfg.get("ONE_DOT", True), bm, bn, cfg["BK"], cfg["num_warps"], per_channel, group)
     stages = cfg.get("STAGES", 2)
     if stages not in tuned.PIPELINE_STAGES:
