@@ -23,6 +23,25 @@ def compile_env() -> dict:
     return env
 
 
+def run_compiles(script: str, cases: list) -> list[str]:
+    """Run ``script`` (Python that compiles kernels, ``sys.argv[1]`` the JSON of ``cases``) in a
+    compiling subprocess; its output lines."""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True,
+                          env=compile_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
+
+
+def compile_quant_matmuls(calls: list[dict]) -> int:
+    """Compile ``sass.quant_matmul_kernel(**kw)`` for each of ``calls`` in a compiling subprocess;
+    how many compiled (it stops at the first that fails)."""
+    script = ("import json, sys\nfrom inferkit.kernels.sass import quant_matmul_kernel\n"
+              "for kw in json.loads(sys.argv[1]):\n"
+              "    quant_matmul_kernel(**kw)\n"
+              "    print('compiled', flush=True)\n")
+    return sum(line == "compiled" for line in run_compiles(script, calls))
+
+
 @pytest.fixture(scope="module")
 def report():
     proc = subprocess.run([sys.executable, "-m", "inferkit.kernels.sass", "--json"], capture_output=True, text=True,
@@ -153,14 +172,9 @@ def test_64_row_mma_tiles_compile_as_launched():
 
     for bits, group, bn, bk, warps, joined in MMA_64_ROW_TILES:
         assert mma_one_dot(True, 64, bn, bk, warps, False, group) is joined
-    script = ("import json, sys\nfrom inferkit.kernels.sass import quant_matmul_kernel\n"
-              "for bits, group, bn, bk, warps, _ in json.loads(sys.argv[1]):\n"
-              "    quant_matmul_kernel(64, bits, group, bn, bk, num_warps=warps)\n"
-              "    print('compiled', bits, group, bn, bk, warps, flush=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(MMA_64_ROW_TILES)], capture_output=True,
-                          text=True, env=compile_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("compiled") == len(MMA_64_ROW_TILES)
+    calls = [dict(M=64, bits=bits, group=group, BN=bn, BK=bk, num_warps=warps)
+             for bits, group, bn, bk, warps, _ in MMA_64_ROW_TILES]
+    assert compile_quant_matmuls(calls) == len(MMA_64_ROW_TILES)
 
 
 SWAP_TILES = [  # (rows, group, BN, BK asked, num_warps, ONE_DOT asked, ONE_DOT launched): the K tile is the group's
@@ -178,14 +192,9 @@ def test_swap_tiles_compile_as_launched():
 
     for _, group, _, bk, _, asked, joined in SWAP_TILES:
         assert swap_one_dot(asked, swap_tile_k(bk, group, False)) is joined
-    script = ("import json, sys\nfrom inferkit.kernels.sass import quant_matmul_kernel\n"
-              "for rows, group, bn, bk, warps, one_dot, _ in json.loads(sys.argv[1]):\n"
-              "    quant_matmul_kernel(rows, 4, group, bn, bk, split=2, num_warps=warps, one_dot=one_dot, swap=True)\n"
-              "    print('compiled', rows, group, bn, one_dot, flush=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(SWAP_TILES)], capture_output=True, text=True,
-                          env=compile_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("compiled") == len(SWAP_TILES)
+    calls = [dict(M=rows, bits=4, group=group, BN=bn, BK=bk, split=2, num_warps=warps, one_dot=one_dot, swap=True)
+             for rows, group, bn, bk, warps, one_dot, _ in SWAP_TILES]
+    assert compile_quant_matmuls(calls) == len(SWAP_TILES)
 
 
 PDL_CASES = [  # (rows, quant_matmul_kernel options, 16-byte word loads per thread before the wait)
@@ -210,10 +219,7 @@ def test_pdl_kernels_read_only_weights_before_the_wait():
               "    ops, waits = sass.before_wait(pdl)\n"
               "    print(json.dumps([ops, waits, sum(sass.inspect(plain).loop.values()),"
               " sum(sass.inspect(pdl).loop.values()), sass.before_wait(plain)[1]]), flush=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(PDL_CASES)], capture_output=True, text=True,
-                          env=compile_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    results = [json.loads(line) for line in run_compiles(script, PDL_CASES)]
     assert len(results) == len(PDL_CASES)
     for (rows, kw, words), (ops, waits, plain_loop, pdl_loop, plain_waits) in zip(PDL_CASES, results):
         assert waits and not plain_waits, kw  # the wait is there under PDL only
