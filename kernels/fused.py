@@ -21,7 +21,6 @@ of squares (and the exponential's last bit in SiLU) differ from PyTorch's kernel
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -29,7 +28,7 @@ import triton.language as tl
 
 from inferkit.kernels import FP_FUSION, pdl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = pdl.INTERPRET  # one reading of TRITON_INTERPRET for the kernels
 
 
 @triton.jit

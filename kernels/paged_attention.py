@@ -13,7 +13,6 @@ unnormalised output; a second kernel merges them (skipped when there is one spli
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -21,7 +20,7 @@ import triton.language as tl
 
 from inferkit.kernels import FP_FUSION, pdl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = pdl.INTERPRET  # one reading of TRITON_INTERPRET for the kernels
 
 
 @triton.jit
